@@ -1,0 +1,80 @@
+import sys
+
+from ..conversion.checkpoint import DEFAULT_REPO
+from ..errors import GenesisError
+from ..generation.generate import (
+    DEFAULT_REPETITION_PENALTY, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingOptions,
+    print_stats, stream_generate,
+)
+from ..loading import load
+
+
+def add_model_arguments(p):
+    p.add_argument("--model", default=DEFAULT_REPO,
+                   help="Hub repo id, converted model directory or reference .safetensors")
+    p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json for converting a raw checkpoint offline")
+    p.add_argument("--ttt", choices=["on", "off"], default="on",
+                   help="test-time training while decoding (default on)")
+
+
+def add_sampling_arguments(p):
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system-prompt", default=None)
+
+
+def add_arguments(p):
+    add_model_arguments(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt, or - to read stdin")
+    add_sampling_arguments(p)
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="feed the prompt as plain text")
+    p.add_argument("--verbose", action="store_true", help="print speed and memory")
+
+
+def sampling_from(args) -> SamplingOptions:
+    options = SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p,
+                              args.repetition_penalty, args.seed)
+    options.validate()
+    if args.max_tokens == 0 or args.max_tokens < -1:
+        raise GenesisError(f"--max-tokens {args.max_tokens}: must be positive (or -1 for no limit)")
+    return options
+
+
+def load_from(args):
+    return load(args.model, adapter_path=args.adapter_path, tokenizer=args.tokenizer,
+                model_config={"ttt_enabled": args.ttt == "on"})
+
+
+def read_prompt(value):
+    if value is None:
+        raise GenesisError("no prompt; pass --prompt TEXT (or --prompt - to read stdin)")
+    if value != "-":
+        return value
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenesisError(f"stdin is not UTF-8 text (byte {e.start}); convert it first, "
+                           "e.g. with iconv") from None
+
+
+def run(args):
+    sampling = sampling_from(args)
+    prompt = read_prompt(args.prompt)
+    model, tokenizer = load_from(args)
+    last = None
+    for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampling,
+                                system_prompt=args.system_prompt,
+                                use_chat_template=not args.ignore_chat_template):
+        print(last.text, end="", flush=True)
+    print()
+    if args.verbose and last is not None:
+        print_stats(last)

@@ -1,0 +1,43 @@
+"""``genesis-mlx`` command line: one subcommand per job, each in its own module."""
+
+import argparse
+import importlib
+import sys
+
+from ..errors import GenesisError
+
+COMMANDS = {
+    "convert": ("convert", "convert a reference checkpoint into an MLX model directory"),
+    "generate": ("generate", "generate text from a prompt"),
+    "chat": ("chat", "chat with the model in the terminal"),
+    "demo": ("demo", "offline end-to-end demo on a small random-weight model"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="genesis-mlx", description="Genesis-152M on MLX: convert, generate, chat."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        command = importlib.import_module(f"genesis_mlx.cli.{module}")
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_arguments(p)
+        p.set_defaults(run=command.run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except GenesisError as e:
+        print(f"genesis-mlx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Reading reference checkpoints: one ``.safetensors`` whose metadata key
+``genesis_config_json`` holds the reference's GenesisConfig as JSON."""
+
+import json
+import struct
+from pathlib import Path
+from typing import Dict, Tuple
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from ..errors import GenesisError
+from ..model.genesis import Model, ModelArgs, unsupported_config_reason
+
+CONFIG_KEY = "genesis_config_json"
+DEFAULT_REPO = "guiferrarib/genesis-152m-instruct"
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file; a clear error if it is not one."""
+    try:
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise ValueError("file shorter than a safetensors header")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > 100_000_000:
+                raise ValueError("implausible header length")
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+            return header
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        raise GenesisError(
+            f"{path} is not a safetensors file ({e}); Genesis checkpoints load from "
+            ".safetensors only (pickled .bin/.pt files are never loaded)"
+        ) from None
+
+
+def config_from_metadata(path: Path, metadata: dict) -> Dict:
+    if CONFIG_KEY not in metadata:
+        raise GenesisError(
+            f"{path} has no '{CONFIG_KEY}' metadata, so it is not a checkpoint written "
+            "by genesis-llm; convert the reference's .safetensors export instead"
+        )
+    try:
+        config = json.loads(metadata[CONFIG_KEY])
+    except json.JSONDecodeError as e:
+        raise GenesisError(f"{path}: '{CONFIG_KEY}' is not valid JSON ({e})") from None
+    known = set(ModelArgs.reference_fields())
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise GenesisError(
+            f"{path}: unknown config key(s) {', '.join(unknown)} in '{CONFIG_KEY}'; "
+            "genesis-llm 2.0.3's GenesisConfig has no such field (was it written by "
+            "another version?)"
+        )
+    return config
+
+
+def validate_config(config: Dict) -> ModelArgs:
+    n_embd, n_head = config.get("n_embd", 768), config.get("n_head", 12)
+    n_kv = config.get("n_kv_head", 4)
+    if n_head <= 0 or n_embd % n_head:
+        raise GenesisError(f"config: n_embd={n_embd} is not divisible by n_head={n_head}")
+    if n_kv <= 0 or n_head % n_kv:
+        raise GenesisError(f"config: n_head={n_head} is not divisible by n_kv_head={n_kv}")
+    args = ModelArgs.from_dict(config)
+    reason = unsupported_config_reason(args)
+    if reason:
+        raise GenesisError(f"config: {reason} is not supported by genesis-mlx")
+    return args
+
+
+def check_shapes(model: Model, weights: Dict[str, mx.array], source: Path):
+    expected = dict(tree_flatten(model.parameters()))
+    for name, value in weights.items():
+        if name not in expected:
+            raise GenesisError(
+                f"{source}: tensor '{name}' is not part of a Genesis model with this "
+                "config; the checkpoint and its genesis_config_json disagree"
+            )
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise GenesisError(
+                f"{source}: tensor '{name}' has shape {tuple(value.shape)} but the config "
+                f"implies {tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise GenesisError(
+            f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. "
+            f"'{missing[0]}'; the file is incomplete or from another model"
+        )
+
+
+def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array]]:
+    """A reference .safetensors -> (ModelArgs, sanitized MLX weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenesisError(f"no such file: {path}")
+    header = read_safetensors_header(path)
+    config = config_from_metadata(path, header.get("__metadata__") or {})
+    if "tok_emb.weight" not in header:
+        raise GenesisError(f"{path}: no 'tok_emb.weight' tensor; not a Genesis checkpoint")
+    # The vocabulary size comes from the weights (the chat tokens were added after
+    # the config was written).
+    config["vocab_size"] = int(header["tok_emb.weight"]["shape"][0])
+    args = validate_config(config)
+    try:
+        weights = mx.load(str(path))
+    except Exception as e:  # mlx raises plain RuntimeError/ValueError here
+        raise GenesisError(f"{path}: cannot read tensors ({e})") from None
+    model = Model(args)
+    weights = model.sanitize(weights)
+    check_shapes(model, weights, path)
+    return args, weights
+
+
+def find_checkpoint_file(directory: Path) -> Path:
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise GenesisError(f"{directory} holds no .safetensors file")
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise GenesisError(f"{directory} holds several .safetensors files ({names}); pass one")
+    return files[0]
+
+
+def resolve_source(src: str) -> Path:
+    """A local .safetensors, a directory holding one, or a Hub repo id -> local file."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return find_checkpoint_file(path)
+    if path.exists():
+        return path
+    if src.endswith(".safetensors") or src.startswith((".", "/", "~")) or src.count("/") != 1:
+        raise GenesisError(
+            f"no such file or directory: {src}; pass a local .safetensors, a directory "
+            f"holding one, or a Hub repo id such as {DEFAULT_REPO}"
+        )
+    return find_checkpoint_file(download_repo(src))
+
+
+def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md")) -> Path:
+    """Downloads (with progress bar, cache and resume) a Hub repo's files."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns)))
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise GenesisError(
+            f"Hub repo '{repo_id}' was not found (or needs a login); check the id, "
+            "or pass a local .safetensors file"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise GenesisError(
+            f"cannot reach the Hugging Face Hub to download '{repo_id}' and it is not "
+            "in the local cache; connect, or pass a local .safetensors file or directory"
+        ) from None
+    except OSError as e:
+        raise GenesisError(
+            f"cannot download '{repo_id}' from the Hugging Face Hub ({type(e).__name__}); "
+            "connect, or pass a local .safetensors file or directory"
+        ) from None

@@ -1,0 +1,120 @@
+"""Reference checkpoint -> MLX model directory (config.json, model.safetensors,
+tokenizer files), optionally cast or quantized."""
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import save_config
+
+from ..errors import GenesisError
+from ..model.genesis import Model
+from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
+from .tokenizer import build_tokenizer, chat_token_ids
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+GROUP_SIZES = (128, 64, 32)
+
+
+def quantize(model: nn.Module, bits: int, group_size: int) -> dict:
+    """Quantizes the model in place; returns the config's "quantization" entry.
+
+    Layers whose input width does not divide ``group_size`` (864 and 1440 on the
+    real model, against 64) get the largest smaller group size that divides it,
+    recorded per layer so that the loader rebuilds the same shapes."""
+    overrides = {}
+    skip = getattr(model, "quant_predicate", None)
+
+    def predicate(path, module):
+        if not hasattr(module, "to_quantized") or (skip and not skip(path, module)):
+            return False
+        width = module.weight.shape[-1]
+        if width % group_size == 0:
+            return True
+        fallback = next((g for g in GROUP_SIZES if g < group_size and width % g == 0), None)
+        if fallback is None:
+            return False
+        overrides[path] = {"group_size": fallback, "bits": bits, "mode": "affine"}
+        return dict(overrides[path])
+
+    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
+    return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+
+
+def check_output_dir(path: Path, force: bool):
+    if path.exists() and not path.is_dir():
+        raise GenesisError(f"--mlx-path {path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not force:
+        raise GenesisError(
+            f"--mlx-path {path} exists and is not empty; choose another path or pass "
+            "--force to overwrite it"
+        )
+
+
+def convert(
+    hf_path: str = DEFAULT_REPO,
+    mlx_path: str = "genesis-mlx-model",
+    dtype: str = "float32",
+    quantize_model: bool = False,
+    q_bits: int = 4,
+    q_group_size: int = 64,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+) -> Path:
+    out = Path(mlx_path).expanduser()
+    check_output_dir(out, force)
+    if dtype not in DTYPES:
+        raise GenesisError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if quantize_model and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in GROUP_SIZES):
+        raise GenesisError("quantization: --q-bits must be 2-6 or 8 and --q-group-size 32, 64 or 128")
+
+    source = resolve_source(hf_path)
+    args, weights = load_reference_checkpoint(source)
+    tok = build_tokenizer(tokenizer)
+    if len(tok) > args.vocab_size:
+        raise GenesisError(
+            f"the tokenizer has {len(tok)} tokens but the checkpoint embeds only "
+            f"{args.vocab_size}; pass the GPT-NeoX tokenizer the model was trained with"
+        )
+
+    target = DTYPES[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
+               for k, v in weights.items()}
+    model = Model(args)
+    model.load_weights(list(weights.items()))
+    config = asdict(args)
+    im_start, im_end = chat_token_ids(tok)
+    config["eos_token_id"] = [im_end, tok.eos_token_id]
+    config["genesis_source"] = str(hf_path)
+    if quantize_model:
+        config["quantization"] = quantize(model, q_bits, q_group_size)
+
+    # Write next to the destination, then move into place: an interrupted run
+    # leaves no half-written model behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".genesis-convert-", dir=out.parent))
+    try:
+        mx.save_safetensors(
+            str(staging / "model.safetensors"),
+            dict(tree_flatten(model.parameters())),
+            metadata={"format": "mlx"},
+        )
+        save_config(config, staging / "config.json")
+        tok.save_pretrained(str(staging))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_config(model_dir: Path) -> dict:
+    with open(model_dir / "config.json") as f:
+        return json.load(f)

@@ -1,0 +1,123 @@
+"""A chat whose history lives in the decoding state: each turn feeds only its own
+tokens. Rendering follows the reference CLI (ChatML with a newline before
+``<|im_end|>``); the assistant's answers stay in the state as generated."""
+
+import json
+from typing import Iterator, List, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
+from ..errors import GenesisError
+from .generate import SamplingOptions, stream_generate
+
+
+def snapshot(cache):
+    """Cache arrays are immutable; keeping the state objects is a cheap snapshot."""
+    return [(type(c), c.state) for c in cache]
+
+
+def restore(saved):
+    return [cls.from_state(state) for cls, state in saved]
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, sampling: Optional[SamplingOptions] = None,
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_tokens: int = 256):
+        self.model, self.tokenizer = model, tokenizer
+        self.sampling = sampling or SamplingOptions()
+        self.max_tokens = max_tokens
+        self.system_prompt = system_prompt
+        self.reset()
+
+    def reset(self):
+        self.history: List[dict] = []
+        self.cache = self.model.make_cache()
+        self.n_tokens = 0
+        self.open_answer = False  # the last answer did not end with <|im_end|>
+
+    @property
+    def im_end(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def turn_text(self, user_text: str) -> str:
+        text = ""
+        if self.n_tokens == 0:
+            text += f"<|im_start|>system\n{self.system_prompt}\n<|im_end|>\n"
+        elif self.open_answer:
+            text += "\n<|im_end|>\n"
+        else:
+            text += "\n"
+        return text + f"<|im_start|>user\n{user_text}\n<|im_end|>\n<|im_start|>assistant\n"
+
+    def rebuild(self, notice):
+        """Drops the oldest turns until the context has room, then re-reads the rest
+        (what the reference does on every turn, here only on overflow)."""
+        limit = self.model.args.block_size - self.max_tokens
+        history = list(self.history)
+        while history:
+            history = history[2:]
+            text = f"<|im_start|>system\n{self.system_prompt}\n<|im_end|>\n" + "".join(
+                f"<|im_start|>{m['role']}\n{m['content']}\n<|im_end|>\n" for m in history)
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+            if len(ids) < limit // 2:
+                break
+        dropped = (len(self.history) - len(history)) // 2
+        notice(f"context full: dropped the {dropped} oldest turn(s)")
+        self.reset()
+        self.history = history
+        if history:
+            ids = ids[:-1]  # the trailing newline is re-added by the next turn
+            self.model(mx.array(ids)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.n_tokens = len(ids)
+
+    def ask(self, user_text: str, notice=print) -> Iterator[str]:
+        if not user_text.strip():
+            raise GenesisError("empty message")
+        ids = self.tokenizer.encode(self.turn_text(user_text), add_special_tokens=False)
+        if self.n_tokens + len(ids) + self.max_tokens > self.model.args.block_size and self.history:
+            self.rebuild(notice)
+            ids = self.tokenizer.encode(self.turn_text(user_text), add_special_tokens=False)
+        saved, answer_ids, answer = snapshot(self.cache), [], ""
+        try:
+            for response in stream_generate(self.model, self.tokenizer, ids, self.max_tokens,
+                                             self.sampling, prompt_cache=self.cache):
+                stopped = response.finish_reason == "stop"
+                if not stopped:
+                    answer_ids.append(response.token)
+                answer += response.text
+                yield response.text
+            self.open_answer = not (stopped and response.token == self.im_end)
+            # mlx-lm feeds every token it returns (the stop token too) to the model.
+            self.n_tokens += len(ids) + len(answer_ids) + int(stopped)
+        except KeyboardInterrupt:
+            # The state may be mid-update: roll back and re-read what was shown.
+            self.cache = restore(saved)
+            replay = ids + answer_ids
+            self.model(mx.array(replay)[None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.n_tokens += len(replay)
+            self.open_answer = True
+            answer = self.tokenizer.decode(answer_ids)
+            raise
+        finally:
+            self.history += [{"role": "user", "content": user_text},
+                             {"role": "assistant", "content": answer.strip()}]
+
+    def save(self, path: str):
+        meta = {"history": json.dumps(self.history), "system_prompt": self.system_prompt,
+                "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer))}
+        save_prompt_cache(path, self.cache, meta)
+
+    def load(self, path: str):
+        try:
+            cache, meta = load_prompt_cache(path, return_metadata=True)
+        except Exception as e:
+            raise GenesisError(f"cannot load chat session {path} ({e})") from None
+        if len(cache) != len(self.cache) or "history" not in meta:
+            raise GenesisError(f"{path} is not a chat session saved for this model")
+        self.cache, self.history = cache, json.loads(meta["history"])
+        self.system_prompt = meta["system_prompt"]
+        self.n_tokens, self.open_answer = int(meta["n_tokens"]), meta["open_answer"] == "1"

@@ -1,0 +1,134 @@
+"""Text generation on top of mlx-lm's ``stream_generate``: sampling and streaming
+detokenization are mlx-lm's; the decoding state (GLA recurrent state, FoX K/V, TTT
+statistics) is the model's own cache, so TTT stays on while decoding."""
+
+import sys
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.generate import GenerationResponse
+from mlx_lm.generate import stream_generate as mlx_stream_generate
+from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
+
+from ..errors import GenesisError
+
+# The reference CLI's defaults (genesis/cli.py).
+DEFAULT_TEMP = 0.7
+DEFAULT_TOP_K = 50
+DEFAULT_TOP_P = 0.9
+DEFAULT_REPETITION_PENALTY = 1.05
+
+
+@dataclass
+class SamplingOptions:
+    temp: float = DEFAULT_TEMP
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = 0.0
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    seed: Optional[int] = None
+
+    def validate(self):
+        if self.temp < 0:
+            raise GenesisError(f"--temp {self.temp}: temperature must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise GenesisError(f"--top-p {self.top_p}: must be in (0, 1] (1 disables it)")
+        if self.top_k < 0:
+            raise GenesisError(f"--top-k {self.top_k}: must be >= 0 (0 disables it)")
+        if not 0 <= self.min_p <= 1:
+            raise GenesisError(f"--min-p {self.min_p}: must be in [0, 1] (0 disables it)")
+        if self.repetition_penalty <= 0:
+            raise GenesisError(
+                f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 disables it)"
+            )
+
+    def sampler(self):
+        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+
+    def logits_processors(self, context: int):
+        if self.repetition_penalty == 1.0:
+            return []
+        # The reference penalises every token of the sequence, not a window.
+        return [make_repetition_penalty(self.repetition_penalty, context_size=context)]
+
+
+def render_prompt(tokenizer, prompt: str, system_prompt: Optional[str] = None,
+                  use_chat_template: bool = True) -> List[int]:
+    if not prompt:
+        raise GenesisError("the prompt is empty; pass --prompt TEXT (or - to read stdin)")
+    if not use_chat_template:
+        return tokenizer.encode(prompt, add_special_tokens=False)
+    messages = [{"role": "user", "content": prompt}]
+    if system_prompt is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def truncate_left(tokens: List[int], limit: int, warn=True) -> List[int]:
+    """Keeps the last ``limit`` tokens, as the reference's generate does."""
+    if len(tokens) <= limit:
+        return tokens
+    if warn:
+        print(f"[genesis-mlx] warning: prompt has {len(tokens)} tokens, more than the "
+              f"model's context ({limit}); keeping the last {limit}", file=sys.stderr)
+    return tokens[-limit:]
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: Union[str, List[int]],
+    max_tokens: int = 256,
+    sampling: Optional[SamplingOptions] = None,
+    prompt_cache: Optional[list] = None,
+    system_prompt: Optional[str] = None,
+    use_chat_template: bool = True,
+) -> Iterator[GenerationResponse]:
+    """Streams GenerationResponse chunks. ``prompt`` is text (rendered with the chat
+    template unless ``use_chat_template`` is False) or token ids (used as given).
+    Pass ``prompt_cache`` (``model.make_cache()``) to continue from earlier state:
+    it is updated in place."""
+    sampling = sampling or SamplingOptions()
+    sampling.validate()
+    if max_tokens == 0 or max_tokens < -1:
+        raise GenesisError(f"--max-tokens {max_tokens}: must be positive (or -1 for no limit)")
+    if isinstance(prompt, str):
+        tokens = render_prompt(tokenizer, prompt, system_prompt, use_chat_template)
+    else:
+        tokens = list(prompt)
+        if not tokens:
+            raise GenesisError("the prompt is empty")
+    tokens = truncate_left(tokens, model.args.block_size)
+    if sampling.seed is not None:
+        mx.random.seed(sampling.seed)
+    context = model.args.block_size + max(max_tokens, 0) + 1_000_000
+    yield from mlx_stream_generate(
+        model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
+        sampler=sampling.sampler(),
+        logits_processors=sampling.logits_processors(context),
+        prompt_cache=prompt_cache if prompt_cache is not None else model.make_cache(),
+    )
+
+
+def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False,
+             **kwargs) -> str:
+    """Generates and returns the whole completion text."""
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, max_tokens, **kwargs):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print()
+        print_stats(last)
+    return text
+
+
+def print_stats(response: GenerationResponse, file=sys.stderr):
+    print("=" * 10, file=file)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"Generation: {response.generation_tokens} tokens, "
+          f"{response.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=file)

@@ -1,0 +1,142 @@
+"""Plain MLX reference implementations of the sequence mixers.
+
+These are the "ops path": short, readable and differentiable. Every fused kernel in
+this package must compute exactly what the functions here compute, and the tests tie
+the two together. Shapes follow the model: ``[batch, heads, time, dim]``.
+"""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+
+def causal_decay(log_decay_cumsum: mx.array) -> mx.array:
+    """exp(G_i - G_j) for j <= i, else 0, over the last axis of ``G``.
+
+    The exponent is masked before ``exp`` (not the result after), so that neither
+    the value nor its gradient can see ``exp`` of a large positive number.
+    """
+    n = log_decay_cumsum.shape[-1]
+    diff = log_decay_cumsum[..., :, None] - log_decay_cumsum[..., None, :]
+    causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
+    return mx.exp(mx.where(causal, diff, -mx.inf))
+
+
+def gla_chunk(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    log_g: mx.array,
+    scale: float,
+    state: Optional[mx.array] = None,
+    beta: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Gated linear attention over one chunk, starting from ``state``.
+
+    Recurrence: S_t = exp(g_t) S_{t-1} + k_t v_t^T,  o_t = scale * q_t S_t.
+    With ``beta`` the state update at the chunk's end uses the reference's
+    chunk-level delta rule: v is replaced by beta * (v - scale * k_w S_decayed).
+
+    q, k: [B, H, T, Dk]; v: [B, H, T, Dv]; log_g: [B, H, T] (<= 0, fp32);
+    state: [B, H, Dk, Dv] fp32. Returns (output [B, H, T, Dv] fp32, new state).
+    """
+    q, k, v = (a.astype(mx.float32) for a in (q, k, v))
+    G = mx.cumsum(log_g, axis=-1)
+    scores = (q @ k.swapaxes(-1, -2)) * scale * causal_decay(G)
+    out = scores @ v
+    if state is not None:
+        out = out + (q @ state) * (mx.exp(G)[..., None] * scale)
+
+    G_end = G[..., -1:]
+    k_weighted = k * mx.exp(G_end - G)[..., None]
+    decayed = state * mx.exp(G_end)[..., None] if state is not None else None
+    if beta is not None and decayed is not None:
+        v = (v - (k_weighted @ decayed) * scale) * beta[..., None]
+    elif beta is not None:
+        v = v * beta[..., None]
+    update = k_weighted.swapaxes(-1, -2) @ v
+    new_state = update if decayed is None else decayed + update
+    return out, new_state
+
+
+def gla_chunked(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    log_g: mx.array,
+    scale: float,
+    chunk_size: int = 64,
+    state: Optional[mx.array] = None,
+    beta: Optional[mx.array] = None,
+) -> Tuple[mx.array, mx.array]:
+    """Gated linear attention over a whole sequence, in chunks of ``chunk_size``.
+
+    Chunks are aligned to the start of ``q`` as in the reference, which matters only
+    for the chunk-level delta rule (``beta``): plain GLA is chunking-invariant.
+    """
+    T = q.shape[2]
+    outputs = []
+    for start in range(0, T, chunk_size):
+        end = min(start + chunk_size, T)
+        sl = (slice(None), slice(None), slice(start, end))
+        out, state = gla_chunk(
+            q[sl], k[sl], v[sl], log_g[sl], scale, state,
+            None if beta is None else beta[sl],
+        )
+        outputs.append(out)
+    out = outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+    return out, state
+
+
+def gla_step(
+    q: mx.array, k: mx.array, v: mx.array, log_g: mx.array, scale: float,
+    state: Optional[mx.array],
+) -> Tuple[mx.array, mx.array]:
+    """One decoding step of the GLA recurrence (T = 1), same contract as gla_chunk."""
+    q, k, v = (a.astype(mx.float32) for a in (q, k, v))
+    update = k.swapaxes(-1, -2) @ v
+    if state is not None:
+        update = update + mx.exp(log_g)[..., None] * state
+    return (q @ update) * scale, update
+
+
+def fox_attention(
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    cumsum_q: mx.array,
+    cumsum_k: mx.array,
+    scale: float,
+    key_mask: Optional[mx.array] = None,
+    block_size: int = 512,
+) -> mx.array:
+    """Causal softmax attention biased by the forget gate: s_ij += c_i - c_j.
+
+    q: [B, H, Tq, D]; k: [B, Hkv, Tk, D] (query head h reads KV head h // (H/Hkv));
+    v: [B, H, Tk, D]; cumsum_q: [B, H, Tq]; cumsum_k: [B, H, Tk] (fp32).
+    The queries are the last Tq of the Tk positions. ``key_mask`` [B, Tk] marks
+    keys that exist (False for left padding). Queries are processed in blocks of
+    ``block_size`` rows so the bias matrix never exceeds block_size x Tk.
+    """
+    H, Tq = q.shape[1], q.shape[2]
+    n_rep = H // k.shape[1]
+    if n_rep > 1:
+        k = mx.repeat(k, n_rep, axis=1)
+    Tk = k.shape[2]
+    outputs = []
+    for start in range(0, Tq, block_size):
+        end = min(start + block_size, Tq)
+        rows = mx.arange(Tk - Tq + start, Tk - Tq + end)[:, None]
+        allowed = rows >= mx.arange(Tk)[None]
+        if key_mask is not None:
+            allowed = allowed[None] & key_mask[:, None, :]
+            allowed = allowed | (rows == mx.arange(Tk)[None])  # keep padded rows finite
+            allowed = allowed[:, None]
+        bias = cumsum_q[..., start:end, None] - cumsum_k[..., None, :]
+        bias = mx.where(allowed, bias, -mx.inf)
+        scores = (q[..., start:end, :].astype(mx.float32) * scale) @ k.astype(
+            mx.float32
+        ).swapaxes(-1, -2)
+        weights = mx.softmax(scores + bias, axis=-1)
+        outputs.append(weights @ v.astype(mx.float32))
+    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
