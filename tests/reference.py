@@ -5,7 +5,7 @@ import contextlib
 import io
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict  # noqa: F401 (re-exported for tests)
 from pathlib import Path
 
 import numpy as np

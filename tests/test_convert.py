@@ -1,0 +1,221 @@
+"""genesis-mlx convert: round trips, tokenizer, quantization, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import logits_tolerance
+from genesis_mlx.conversion.convert import convert
+from genesis_mlx.conversion.tokenizer import build_prompt
+from genesis_mlx.loading import load
+
+IDS = np.random.RandomState(7).randint(0, 512, (1, 90))
+
+# Max |delta| against the reference logits, relative to max(1, max |logit|), that
+# each storage dtype must stay within (values measured on this fixture, printed
+# with -s: float32 3.6e-6, bfloat16 1.1e-1, float16 1.0e-2). The random fixture's
+# weights have no structure, so reduced precision costs more than on a trained model.
+ROUND_TRIPS = {
+    "float32": (dict(dtype="float32"), 1e-4),
+    "bfloat16": (dict(dtype="bfloat16"), 2.5e-1),
+    "float16": (dict(dtype="float16"), 3e-2),
+}
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "genesis_mlx", *args], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_with_real_vocab(reference_checkpoint):
+    """Real vocabulary (50279 rows), tiny width: for tokenizer round trips."""
+    return reference_checkpoint(vocab_size=50279, n_embd=32, n_head=2, n_kv_head=1)
+
+
+@pytest.mark.parametrize("case", ROUND_TRIPS)
+def test_round_trip(reference_checkpoint, tokenizer_path, tmp_path, case):
+    options, bound = ROUND_TRIPS[case]
+    ref, path = reference_checkpoint(vocab_size=50279)
+    out = convert(str(path), str(tmp_path / case), tokenizer=tokenizer_path, **options)
+    model, _ = load(str(out))
+    want = R.reference_logits(ref, IDS)
+    got = np.array(model(mx.array(IDS)).astype(mx.float32))
+    rel = np.abs(want - got).max() / max(1.0, np.abs(want).max())
+    print(f"\n[round trip] {case}: max |delta| / max(1, max|logit|) = {rel:.2e}")
+    assert rel <= bound
+    if case == "float32":
+        assert np.abs(want - got).max() <= logits_tolerance(want)
+
+
+def dequantized_copy(model):
+    """The same model with every quantized layer replaced by its dequantized weights."""
+    from genesis_mlx.model.genesis import Model
+
+    plain = Model(model.args)
+    weights = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            weights[f"{path}.weight"] = mx.dequantize(
+                module.weight, module.scales, module.biases, module.group_size, module.bits)
+    from mlx.utils import tree_flatten
+
+    for name, value in tree_flatten(model.parameters()):
+        if not name.endswith((".scales", ".biases")) and name not in weights:
+            weights.setdefault(name, value)
+    plain.load_weights(list(weights.items()))
+    plain.eval()
+    return plain
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_round_trip(reference_checkpoint, tokenizer_path, tmp_path, bits):
+    """A quantized model computes exactly what its dequantized weights compute; its
+    distance to the reference is the quantization error itself (printed)."""
+    ref, path = reference_checkpoint(vocab_size=50279)
+    out = convert(str(path), str(tmp_path / f"q{bits}"), quantize_model=True, q_bits=bits,
+                  q_group_size=64, tokenizer=tokenizer_path)
+    model, _ = load(str(out))
+    got = np.array(model(mx.array(IDS)))
+    exact = np.array(dequantized_copy(model)(mx.array(IDS)))
+    assert np.abs(got - exact).max() <= logits_tolerance(exact)
+    want = R.reference_logits(ref, IDS)
+    rel = np.abs(want - got).max() / max(1.0, np.abs(want).max())
+    print(f"\n[round trip] q{bits}: max |delta| / max(1, max|logit|) = {rel:.2e}")
+
+
+def test_quantization_handles_widths_not_divisible_by_group(reference_checkpoint,
+                                                            tokenizer_path, tmp_path):
+    _, path = reference_checkpoint(vocab_size=50279)
+    out = convert(str(path), str(tmp_path / "q4"), quantize_model=True, q_bits=4,
+                  q_group_size=64, tokenizer=tokenizer_path)
+    model, _ = load(str(out))
+    o_proj = model.blocks[0].attn.o_proj  # input width 96: not a multiple of 64
+    down = model.blocks[0].ffn.down_proj  # input width 160
+    q_proj = model.blocks[0].attn.q_proj  # input width 64
+    assert isinstance(o_proj, nn.QuantizedLinear) and o_proj.group_size == 32
+    assert isinstance(down, nn.QuantizedLinear) and down.group_size == 32
+    assert isinstance(q_proj, nn.QuantizedLinear) and q_proj.group_size == 64
+    assert not isinstance(model.blocks[0].attn.gk_proj, nn.QuantizedLinear)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["blocks.0.attn.o_proj"]["group_size"] == 32
+
+
+def reference_tokenizer(tokenizer_path, monkeypatch):
+    """The reference's GPTNeoXTokenizer, with its Hub download pointed at the
+    offline copy of the same tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    def offline(name, **kwargs):
+        assert name == "EleutherAI/pythia-70m"
+        return PreTrainedTokenizerFast(tokenizer_file=tokenizer_path,
+                                       bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
+    from genesis.tokenizer import GPTNeoXTokenizer
+
+    tok = GPTNeoXTokenizer()
+    tok.add_chat_tokens()
+    return tok
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "Say  hi\n\twith   spaces."},
+     {"role": "assistant", "content": "hi"},
+     {"role": "user", "content": "Ünïcödé, emoji 🙂 and <b>tags</b>"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_tokenizer_matches_reference(tiny_with_real_vocab, tokenizer_path, tmp_path,
+                                     monkeypatch, messages):
+    _, path = tiny_with_real_vocab
+    out = convert(str(path), str(tmp_path / "m"), tokenizer=tokenizer_path)
+    _, ours = load(str(out))
+    ref = reference_tokenizer(tokenizer_path, monkeypatch)
+    assert (ref.im_start_id, ref.im_end_id) == (50277, 50278)
+
+    # The reference CLI's own prompt builder, on the same conversation.
+    from genesis.cli import GenesisChat
+
+    chat = GenesisChat.__new__(GenesisChat)
+    system = [m for m in messages if m["role"] == "system"]
+    chat.system_prompt = system[0]["content"] if system else "You are a helpful assistant."
+    chat.history = [m for m in messages[:-1] if m["role"] != "system"]
+    ref_text = chat.build_prompt(messages[-1]["content"])
+    assert ref_text == build_prompt(messages)
+    ours_ids = ours.apply_chat_template(messages, add_generation_prompt=True)
+    assert ours_ids == ref.encode(ref_text)
+    assert 50278 in ours.eos_token_ids
+
+
+def write_checkpoint(path, state, metadata):
+    from safetensors.numpy import save_file
+
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_line_errors(reference_checkpoint, tokenizer_path, tmp_path):
+    _, good = reference_checkpoint()
+    header_config = json.loads(json.dumps(R.asdict(R.make_config())))
+    meta = {"genesis_config_json": json.dumps(header_config)}
+    run = lambda src, *extra: cli("convert", "--hf-path", str(src), "--mlx-path",
+                                  str(tmp_path / "out"), "--tokenizer", tokenizer_path, *extra)
+
+    one_line_error(run(tmp_path / "missing.safetensors"), "no such file")
+    pickle = tmp_path / "model.bin"
+    pickle.write_bytes(b"\x80\x04\x95 not a safetensors file at all")
+    one_line_error(run(pickle), "not a safetensors file")
+    no_meta = write_checkpoint(tmp_path / "nometa.safetensors",
+                               {"tok_emb.weight": np.zeros((4, 4), np.float32)}, {})
+    one_line_error(run(no_meta), "genesis_config_json")
+    unknown = write_checkpoint(tmp_path / "unknown.safetensors",
+                               {"tok_emb.weight": np.zeros((4, 4), np.float32)},
+                               {"genesis_config_json": json.dumps({**header_config,
+                                                                   "use_wormholes": True})})
+    one_line_error(run(unknown), "unknown config key", "use_wormholes")
+
+    from safetensors.numpy import load_file
+
+    state = load_file(str(good))
+    state["blocks.1.attn.q_proj.weight"] = state["blocks.1.attn.q_proj.weight"][:-1]
+    bad_shape = write_checkpoint(tmp_path / "shape.safetensors", state, meta)
+    one_line_error(run(bad_shape), "blocks.1.attn.q_proj.weight", "shape")
+
+    offline = dict(__import__("os").environ, HF_HUB_OFFLINE="1")
+    result = cli("convert", "--hf-path", "nobody/no-such-genesis", "--mlx-path",
+                 str(tmp_path / "hub"), env=offline)
+    one_line_error(result, "Hugging Face Hub", "local .safetensors")
+
+
+def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path, tmp_path):
+    _, path = reference_checkpoint(vocab_size=50279)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    result = cli("convert", "--hf-path", str(path), "--mlx-path", str(out),
+                 "--tokenizer", tokenizer_path)
+    one_line_error(result, "--force")
+    assert (out / "notes.txt").read_text() == "precious"
+    result = cli("convert", "--hf-path", str(path), "--mlx-path", str(out),
+                 "--tokenizer", tokenizer_path, "--force")
+    assert result.returncode == 0, result.stderr
+    assert (out / "config.json").exists() and not (out / "notes.txt").exists()
