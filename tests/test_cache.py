@@ -1,0 +1,134 @@
+"""Decoding state: chunked prefill, TTT while decoding, greedy equality with the
+reference's generate, left-padded batches, prompt-cache files."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import reference as R
+from conftest import logits_tolerance
+from test_parity import CONFIGS, mlx_model, tokens
+
+
+def run_chunks(model, ids, sizes):
+    cache, outs, start = model.make_cache(), [], 0
+    for size in sizes:
+        outs.append(model(mx.array(ids[:, start : start + size]), cache=cache))
+        start += size
+    assert start == ids.shape[1]
+    return np.concatenate([np.array(o) for o in outs], axis=1), cache
+
+
+def cache_arrays(cache):
+    """Every state array, K/V trimmed to what was written."""
+    from mlx_lm.models.cache import CacheList, KVCache
+
+    arrays = []
+    for c in cache:
+        for part in (c.caches if isinstance(c, CacheList) else [c]):
+            if isinstance(part, KVCache):
+                arrays += [np.array(a) for a in part.keys_and_values()]
+            else:
+                arrays += [np.array(a) for a in part.state[0] if a is not None]
+    return [a for a in arrays if a.size]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("ttt", [True, False])
+def test_prefill_in_one_piece_chunks_or_tokens(reference_checkpoint, name, ttt):
+    _, path = reference_checkpoint(**CONFIGS[name])
+    model = mlx_model(path, ttt_enabled=ttt)
+    ids = tokens(150)
+    whole, c1 = run_chunks(model, ids, [150])
+    chunked, c2 = run_chunks(model, ids, [1, 63, 64, 5, 17])
+    stepped, c3 = run_chunks(model, ids, [1] * 150)
+    tol = logits_tolerance(whole)
+    assert np.abs(whole - chunked).max() <= tol
+    assert np.abs(whole - stepped).max() <= tol
+    for a, b, c in zip(cache_arrays(c1), cache_arrays(c2), cache_arrays(c3)):
+        scale = max(1.0, float(np.abs(a).max()))
+        assert np.abs(a - b).max() <= 1e-4 * scale and np.abs(a - c).max() <= 1e-4 * scale
+
+
+@pytest.mark.parametrize("name", ["gqa", "gqa3"])
+def test_ttt_decoding_equals_full_forward_at_every_step(reference_checkpoint, name):
+    ref, path = reference_checkpoint(**CONFIGS[name])
+    model = mlx_model(path)
+    ids = tokens(80)
+    stepped, _ = run_chunks(model, ids, [20] + [1] * 60)
+    for t in range(19, 80, 7):
+        full = np.array(model(mx.array(ids[:, : t + 1])))[:, -1]
+        assert np.abs(stepped[:, t] - full).max() <= logits_tolerance(full), t
+    for t in (19, 79):  # and the oracle itself, for the TTT-on no-cache forward
+        want = R.reference_logits(ref, ids[:, : t + 1])[:, -1]
+        assert np.abs(stepped[:, t] - want).max() <= logits_tolerance(want), t
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_tokens_equal_reference_generate(reference_checkpoint, name):
+    """With TTT off, greedy decoding matches the reference's cached generate()."""
+    from genesis_mlx.generation.generate import SamplingOptions
+    from mlx_lm.generate import generate_step
+
+    ref, path = reference_checkpoint(**CONFIGS[name])
+    model = mlx_model(path, ttt_enabled=False)
+    prompt = tokens(33)
+    with torch.no_grad():
+        out = ref.generate(torch.tensor(prompt), max_new_tokens=40, temperature=1.0, top_k=1)
+    want = out[0, 33:].tolist()
+    sampler = SamplingOptions(temp=0.0, repetition_penalty=1.0).sampler()
+    got = [t for t, _ in generate_step(mx.array(prompt[0]), model, max_tokens=40,
+                                       sampler=sampler, prompt_cache=model.make_cache())]
+    assert got == want
+
+
+@pytest.mark.parametrize("ttt", [True, False])
+def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
+    _, path = reference_checkpoint(**CONFIGS["gqa3"])
+    model = mlx_model(path, ttt_enabled=ttt)
+    rows = [tokens(70, seed=1)[0], tokens(25, seed=2)[0], tokens(1, seed=3)[0]]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((3, width), np.int64)
+    mask = np.zeros((3, width), bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, True
+    cache = model.make_cache()
+    batch_prefill = np.array(model(mx.array(ids), cache=cache, pad_mask=mx.array(mask)))
+    steps = tokens(6, B=3, seed=4)
+    batch_steps = [np.array(model(mx.array(steps[:, j : j + 1]), cache=cache))
+                   for j in range(6)]
+    for i, r in enumerate(rows):
+        alone_cache = model.make_cache()
+        alone = np.array(model(mx.array(r[None]), cache=alone_cache))
+        tol = logits_tolerance(alone)
+        assert np.abs(batch_prefill[i, width - len(r):] - alone[0]).max() <= tol
+        for j in range(6):
+            step = np.array(model(mx.array(steps[i : i + 1, j : j + 1]), cache=alone_cache))
+            assert np.abs(batch_steps[j][i] - step[0]).max() <= tol, (i, j)
+
+
+def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    ids = tokens(60)
+    cache = model.make_cache()
+    model(mx.array(ids[:, :50]), cache=cache)
+    save_prompt_cache(str(tmp_path / "c.safetensors"), cache)
+    resumed = load_prompt_cache(str(tmp_path / "c.safetensors"))
+    a = np.array(model(mx.array(ids[:, 50:]), cache=cache))
+    b = np.array(model(mx.array(ids[:, 50:]), cache=resumed))
+    assert np.abs(a - b).max() == 0.0
+
+
+def test_fox_cache_keeps_only_kv_heads(reference_checkpoint):
+    _, path = reference_checkpoint(**CONFIGS["gqa3"])  # 6 query heads, 2 KV heads
+    model = mlx_model(path)
+    cache = model.make_cache()
+    model(mx.array(tokens(40)), cache=cache)
+    fox = cache[4]
+    keys, values = fox[1].state[0], fox[1].state[1]
+    assert keys.shape[1] == 2 and keys.shape[-1] == 16
+    assert values.shape[1] == 2 and values.shape[-1] == 3 * 16
