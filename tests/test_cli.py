@@ -1,0 +1,165 @@
+"""The CLI as a user runs it: demo, generate, chat (through a pseudo-terminal)."""
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+from genesis_mlx.conversion.convert import convert
+from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+
+
+def cli(*args, input=None):
+    return subprocess.run([sys.executable, "-m", "genesis_mlx", *args], capture_output=True,
+                          input=input, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory, tokenizer_path):
+    work = tmp_path_factory.mktemp("demo")
+    checkpoint = write_reference_checkpoint(work / "demo.safetensors", DEMO)
+    return convert(str(checkpoint), str(work / "mlx"), tokenizer=tokenizer_path), checkpoint
+
+
+def test_demo_runs_end_to_end(tokenizer_path, tmp_path):
+    result = cli("demo", "--tokenizer", tokenizer_path, "--dir", str(tmp_path), "--max-tokens", "8")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"[demo] ok" in result.stdout
+    assert (tmp_path / "genesis-demo-mlx" / "config.json").exists()
+
+
+def test_generate_is_deterministic_and_greedy_matches_api(demo_model):
+    import genesis_mlx as g
+
+    model_dir, _ = demo_model
+    args = ["generate", "--model", str(model_dir), "--prompt", "Hello", "--temp", "0",
+            "--max-tokens", "12", "--verbose"]
+    first, second = cli(*args), cli(*args)
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stdout == second.stdout and first.stdout.strip()
+    assert b"Generation: 12 tokens" in first.stderr and b"Peak memory" in first.stderr
+    model, tokenizer = g.load(str(model_dir))
+    text = g.generate(model, tokenizer, "Hello", 12, sampling=g.SamplingOptions(temp=0.0))
+    assert first.stdout.decode().rstrip("\n") == text
+
+
+def test_generate_reads_stdin_and_raw_checkpoints(demo_model, tokenizer_path, tmp_path):
+    _, checkpoint = demo_model
+    env = dict(os.environ, GENESIS_MLX_CACHE=str(tmp_path), GENESIS_MLX_TOKENIZER=tokenizer_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "genesis_mlx", "generate", "--model", str(checkpoint),
+         "--prompt", "-", "--max-tokens", "4", "--seed", "1"],
+        input="Once upon a time".encode(), capture_output=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr.decode()
+    assert list((tmp_path / "converted").iterdir()), "raw checkpoint was not converted into the cache"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "hi", "--temp", "-1"], "--temp"),
+    (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+    (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["--prompt", "hi", "--model", "nobody/not-a-model"], "Hugging Face Hub"),
+    (["--prompt", "hi", "--model", "./missing-dir"], "no such model"),
+])
+def test_generate_bad_input(demo_model, args, needle):
+    model_dir, _ = demo_model
+    full = ["generate", "--model", str(model_dir), *args]
+    result = subprocess.run([sys.executable, "-m", "genesis_mlx", *full], capture_output=True,
+                            timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1, err
+    assert needle in err and "Traceback" not in err
+
+
+def test_generate_rejects_non_utf8_stdin(demo_model):
+    model_dir, _ = demo_model
+    result = cli("generate", "--model", str(model_dir), "--prompt", "-", input=b"caf\xe9 \xff")
+    assert result.returncode == 2 and b"not UTF-8" in result.stderr
+
+
+def test_long_prompt_is_truncated_from_the_left_with_a_warning(demo_model):
+    model_dir, _ = demo_model
+    long_prompt = "word " * 2100
+    result = cli("generate", "--model", str(model_dir), "--prompt", long_prompt,
+                 "--ignore-chat-template", "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"keeping the last 2048" in result.stderr
+
+
+class Terminal:
+    """Drives a program through a pseudo-terminal, as a person at a keyboard."""
+
+    def __init__(self, argv):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execvp(argv[0], argv)
+        self.buffer = b""
+
+    def read_until(self, needle: bytes, timeout=120):
+        end = time.time() + timeout
+        while needle not in self.buffer:
+            if time.time() > end:
+                raise AssertionError(f"timed out waiting for {needle!r}; got {self.buffer[-500:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], 0.2)
+            if ready:
+                try:
+                    self.buffer += os.read(self.fd, 4096)
+                except OSError:
+                    break
+        found = self.buffer
+        self.buffer = b""
+        return found
+
+    def send(self, data: bytes):
+        os.write(self.fd, data)
+
+    def wait(self):
+        _, status = os.waitpid(self.pid, 0)
+        return os.waitstatus_to_exitcode(status)
+
+
+def test_chat_repl_multi_turn_reset_interrupt_save_load(demo_model, tmp_path):
+    model_dir, _ = demo_model
+    term = Terminal([sys.executable, "-m", "genesis_mlx", "chat", "--model", str(model_dir),
+                     "--temp", "0", "--max-tokens", "2000"])
+    term.read_until(b"User: ")
+    term.send(b"Hello there\r")
+    time.sleep(1.0)
+    term.send(b"\x03")  # Ctrl-C during a long answer stops it, not the program
+    out = term.read_until(b"User: ")
+    assert b"answer stopped" in out
+    term.send(b"/save " + str(tmp_path / "s.safetensors").encode() + b"\r")
+    assert b"session saved" in term.read_until(b"User: ")
+    term.send(b"/reset\r")
+    assert b"conversation reset" in term.read_until(b"User: ")
+    term.send(b"/load " + str(tmp_path / "s.safetensors").encode() + b"\r")
+    assert b"(1 turns)" in term.read_until(b"User: ")
+    term.send(b"/quit\r")
+    assert term.wait() == 0
+    assert (tmp_path / "s.safetensors").exists()
+
+
+def test_chat_session_turns_cost_only_their_own_tokens(demo_model):
+    import genesis_mlx as g
+    from genesis_mlx.generation.chat import ChatSession
+
+    model_dir, _ = demo_model
+    model, tokenizer = g.load(str(model_dir))
+    session = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), max_tokens=8)
+    "".join(session.ask("Hi"))
+    before = session.n_tokens
+    calls = []
+    original = type(model).__call__
+    type(model).__call__ = lambda self, x, *a, **k: calls.append(x.shape[1]) or original(self, x, *a, **k)
+    try:
+        "".join(session.ask("And again"))
+    finally:
+        type(model).__call__ = original
+    turn = tokenizer.encode(session.turn_text("And again"), add_special_tokens=False)
+    assert calls[0] <= len(turn), "the second turn re-read the history"
+    assert session.n_tokens > before and len(session.history) == 4
