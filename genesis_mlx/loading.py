@@ -75,6 +75,11 @@ def load_quietly(model_dir: Path, eos_token_ids) -> TokenizerWrapper:
         logging.set_verbosity(previous)
 
 
+def load_model_only(model_dir: str) -> Model:
+    model, _ = load_model(Path(model_dir), get_model_classes=get_classes)
+    return model
+
+
 def load(
     src: str = DEFAULT_REPO,
     adapter_path: Optional[str] = None,

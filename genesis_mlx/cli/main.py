@@ -11,6 +11,8 @@ COMMANDS = {
     "generate": ("generate", "generate text from a prompt"),
     "chat": ("chat", "chat with the model in the terminal"),
     "demo": ("demo", "offline end-to-end demo on a small random-weight model"),
+    "bench": ("bench", "speed and memory against the reference and mlx-lm"),
+    "info": ("info", "what this machine runs: MLX device, BLAS, versions"),
 }
 
 
@@ -28,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        from ..blas import reexec_with_openblas
+
+        reexec_with_openblas(sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0

@@ -66,7 +66,9 @@ def convert(
     q_group_size: int = 64,
     tokenizer: Optional[str] = None,
     force: bool = False,
+    with_tokenizer: bool = True,
 ) -> Path:
+    """``with_tokenizer=False`` writes the model alone (benchmarks of random models)."""
     out = Path(mlx_path).expanduser()
     check_output_dir(out, force)
     if dtype not in DTYPES:
@@ -76,8 +78,8 @@ def convert(
 
     source = resolve_source(hf_path)
     args, weights = load_reference_checkpoint(source)
-    tok = build_tokenizer(tokenizer)
-    if len(tok) > args.vocab_size:
+    tok = build_tokenizer(tokenizer) if with_tokenizer else None
+    if tok is not None and len(tok) > args.vocab_size:
         raise GenesisError(
             f"the tokenizer has {len(tok)} tokens but the checkpoint embeds only "
             f"{args.vocab_size}; pass the GPT-NeoX tokenizer the model was trained with"
@@ -89,8 +91,8 @@ def convert(
     model = Model(args)
     model.load_weights(list(weights.items()))
     config = asdict(args)
-    im_start, im_end = chat_token_ids(tok)
-    config["eos_token_id"] = [im_end, tok.eos_token_id]
+    if tok is not None:
+        config["eos_token_id"] = [chat_token_ids(tok)[1], tok.eos_token_id]
     config["genesis_source"] = str(hf_path)
     if quantize_model:
         config["quantization"] = quantize(model, q_bits, q_group_size)
@@ -106,7 +108,8 @@ def convert(
             metadata={"format": "mlx"},
         )
         save_config(config, staging / "config.json")
-        tok.save_pretrained(str(staging))
+        if tok is not None:
+            tok.save_pretrained(str(staging))
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -1,0 +1,26 @@
+from ..benchmark import IMPLS, bench
+from ..errors import GenesisError
+
+
+def add_arguments(p):
+    p.add_argument("--model", default="random",
+                   help="'random' (a random-weight model of the real shape, offline) or a "
+                        "reference checkpoint (.safetensors, directory or Hub id)")
+    p.add_argument("--prompt-lengths", default="128,512,2048")
+    p.add_argument("--gen", type=int, default=128, help="tokens generated per measurement")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--compare", default="reference,mlx-lm",
+                   help="comma list of: reference (genesis-llm, torch), mlx-lm (same-size Llama)")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+
+
+def run(args):
+    try:
+        lengths = [int(x) for x in args.prompt_lengths.split(",") if x]
+    except ValueError:
+        raise GenesisError(f"--prompt-lengths {args.prompt_lengths}: comma-separated integers") from None
+    compare = [c for c in args.compare.split(",") if c]
+    unknown = [c for c in compare if c not in IMPLS[1:]]
+    if unknown or not lengths or args.gen < 1 or args.reps < 1:
+        raise GenesisError("bench: --compare takes reference,mlx-lm; lengths, --gen and --reps must be positive")
+    bench(args.model, lengths, args.gen, args.reps, compare, args.json)

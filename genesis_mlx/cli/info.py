@@ -1,0 +1,17 @@
+import platform
+
+
+def add_arguments(p):
+    pass
+
+
+def run(args):
+    import mlx.core as mx
+
+    from .. import __version__
+    from ..blas import advice, loaded_blas
+
+    print(f"genesis-mlx {__version__}, mlx {mx.__version__}")
+    print(f"machine: {platform.system()} {platform.machine()}, python {platform.python_version()}")
+    print(f"device: {mx.default_device()}")
+    print(f"blas: {loaded_blas()} ({advice()})")
