@@ -438,6 +438,21 @@ class GenesisBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache, pad_mask)
         return x + self.ffn(self.ffn_norm(x))
 
+    def decode_step(self, x, cache):
+        """One GLA decoding step as a compiled graph: decoding is bound by the
+        per-op overhead of ~60 small ops per layer, which compiling removes.
+        The parameters are inputs of the compiled function (not constants), so
+        later weight updates are seen."""
+        if getattr(self, "_compiled_step", None) is None:
+            def step(x, tail, state, position):
+                layer_cache = [tail, state, position]
+                y = self(x, layer_cache)
+                return y, layer_cache[0], layer_cache[1], layer_cache[2]
+
+            self._compiled_step = mx.compile(step, inputs=self.state)
+        y, cache[0], cache[1], cache[2] = self._compiled_step(x, cache[0], cache[1], cache[2])
+        return y
+
 
 class TTTLayer(nn.Module):
     """Dual-form test-time training, inference fast path (Q = K = V = LayerNorm(x))."""
@@ -546,8 +561,12 @@ class Model(nn.Module):
         allows left padding: padded positions leave no trace in any state."""
         x = self.tok_emb(inputs)
         layer_caches = cache[: len(self.blocks)] if cache is not None else [None] * len(self.blocks)
+        decode = cache is not None and inputs.shape[1] == 1 and pad_mask is None
         for block, layer_cache in zip(self.blocks, layer_caches):
-            x = block(x, layer_cache, pad_mask)
+            if decode and not block.is_fox and layer_cache[0] is not None and not self.training:
+                x = block.decode_step(x, layer_cache)
+            else:
+                x = block(x, layer_cache, pad_mask)
         if self.ttt_active:
             x = self.apply_ttt(x, cache[-1] if cache is not None else None, pad_mask)
         x = self.ln_f(x)
