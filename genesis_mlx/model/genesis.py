@@ -439,10 +439,10 @@ class GenesisBlock(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
     def decode_step(self, x, cache):
-        """One GLA decoding step as a compiled graph: decoding is bound by the
-        per-op overhead of ~60 small ops per layer, which compiling removes.
-        The parameters are inputs of the compiled function (not constants), so
-        later weight updates are seen."""
+        """One GLA decoding step as a compiled graph, which removes the dispatch
+        overhead of ~60 small ops per layer (5-10% of a CPU decode step measured
+        here; fp32 decoding is memory-bound there). The parameters are inputs of the
+        compiled function (not constants), so later weight updates are seen."""
         if getattr(self, "_compiled_step", None) is None:
             def step(x, tail, state, position):
                 layer_cache = [tail, state, position]
