@@ -171,13 +171,10 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.activation = activation
 
-    def __call__(self, x, tail=None):
-        """x: [B, T, C]; tail: the previous kernel_size - 1 inputs (zeros if None)."""
-        K = self.kernel_size
-        if tail is None:
-            tail = mx.zeros((x.shape[0], K - 1, x.shape[2]), dtype=x.dtype)
-        padded = mx.concatenate([tail, x], axis=1)
-        y = mx.conv1d(padded, self.conv["weight"], groups=x.shape[2])
+    def __call__(self, history):
+        """history: [B, K - 1 + T, C], the T inputs preceded by the K - 1 before them
+        (zeros at the start of a sequence). Returns [B, T, C]."""
+        y = mx.conv1d(history, self.conv["weight"], groups=history.shape[2])
         return nn.silu(y) if self.activation else y
 
 
@@ -191,8 +188,7 @@ def causal_conv_with_tail(convs, inputs, tail, kernel_size):
     history = mx.concatenate([tail, raw], axis=1)
     outputs, start = [], 0
     for conv, width in zip(convs, widths):
-        part = history[..., start : start + width]
-        outputs.append(conv(part[:, kernel_size - 1 :], part[:, : kernel_size - 1]))
+        outputs.append(conv(history[..., start : start + width]))
         start += width
     return outputs, history[:, -(kernel_size - 1) :]
 
