@@ -11,6 +11,8 @@ COMMANDS = {
     "generate": ("generate", "generate text from a prompt"),
     "chat": ("chat", "chat with the model in the terminal"),
     "demo": ("demo", "offline end-to-end demo on a small random-weight model"),
+    "lora": ("lora", "fine-tune LoRA adapters on your data"),
+    "fuse": ("fuse", "fold LoRA adapters into a plain model"),
     "bench": ("bench", "speed and memory against the reference and mlx-lm"),
     "info": ("info", "what this machine runs: MLX device, BLAS, versions"),
 }

@@ -162,19 +162,28 @@ class GroupRMSNorm(nn.Module):
         return normed * self.weight
 
 
+class Weight(nn.Module):
+    """A module holding one named array, so keys like ``conv.weight`` and
+    ``layer_scale.scale`` match the checkpoint (and freezing works on them)."""
+
+    def __init__(self, name: str, value: mx.array):
+        super().__init__()
+        setattr(self, name, value)
+
+
 class ShortConvolution(nn.Module):
     """Causal depthwise conv over time. Weight layout [channels, kernel, 1]."""
 
     def __init__(self, channels: int, kernel_size: int, activation: bool = True):
         super().__init__()
-        self.conv = {"weight": mx.zeros((channels, kernel_size, 1))}
+        self.conv = Weight("weight", mx.zeros((channels, kernel_size, 1)))
         self.kernel_size = kernel_size
         self.activation = activation
 
     def __call__(self, history):
         """history: [B, K - 1 + T, C], the T inputs preceded by the K - 1 before them
         (zeros at the start of a sequence). Returns [B, T, C]."""
-        y = mx.conv1d(history, self.conv["weight"], groups=history.shape[2])
+        y = mx.conv1d(history, self.conv.weight, groups=history.shape[2])
         return nn.silu(y) if self.activation else y
 
 
@@ -467,7 +476,7 @@ class TTTLayer(nn.Module):
         self.out_proj = nn.Linear(C, C, bias=False)
         self.norm = nn.LayerNorm(C, eps=1e-5)
         self.output_gate = nn.Linear(C, C, bias=False)
-        self.layer_scale = {"scale": mx.zeros((C,))}
+        self.layer_scale = Weight("scale", mx.zeros((C,)))
         self.lr_cap = args.ttt_inner_lr
 
     def initial_prediction(self, h):
@@ -502,7 +511,7 @@ class TTTLayer(nn.Module):
         correction = hf * lr * exclusive * position_scale[..., None]
         out = (y0.astype(mx.float32) - correction).astype(x.dtype)
         out = out * mx.sigmoid(self.output_gate(x))
-        out = self.out_proj(out) * self.layer_scale["scale"]
+        out = self.out_proj(out) * self.layer_scale.scale
         new_state = (inclusive[:, -1], seen + steps.sum(axis=1))
         return x + out, new_state
 

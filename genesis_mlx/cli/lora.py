@@ -1,0 +1,49 @@
+from ..loading import load
+from ..tuning.lora import run_lora, training_args
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="converted model directory, Hub id or "
+                   "reference .safetensors (a quantized model gives QLoRA)")
+    p.add_argument("--train", action="store_true", help="train adapters")
+    p.add_argument("--test", action="store_true", help="report the loss on test.jsonl")
+    p.add_argument("--data", required=True,
+                   help="directory with train.jsonl, valid.jsonl (and test.jsonl)")
+    p.add_argument("--iters", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=1e-4)
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="blocks to adapt, from the top (default: 16, or all if fewer)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--scale", type=float, default=20.0, help="LoRA scale (mlx-lm's)")
+    p.add_argument("--adapter-path", default="adapters")
+    p.add_argument("--resume-adapter-file", default=None)
+    p.add_argument("--grad-checkpoint", action="store_true")
+    p.add_argument("--mask-prompt", action="store_true",
+                   help="train only on completions / the last assistant turn")
+    p.add_argument("--max-seq-length", type=int, default=None,
+                   help="truncate longer examples (default: the model's context)")
+    p.add_argument("--steps-per-report", type=int, default=10)
+    p.add_argument("--steps-per-eval", type=int, default=200)
+    p.add_argument("--val-batches", type=int, default=25)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--force", action="store_true", help="overwrite existing adapters")
+
+
+def run(args):
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+    options = training_args(
+        model=args.model, train=args.train, test=args.test, data=args.data,
+        iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        num_layers=args.num_layers or min(16, len(model.layers)), adapter_path=args.adapter_path,
+        resume_adapter_file=args.resume_adapter_file, grad_checkpoint=args.grad_checkpoint,
+        mask_prompt=args.mask_prompt, seed=args.seed,
+        max_seq_length=args.max_seq_length or model.args.block_size,
+        steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
+        val_batches=args.val_batches, save_every=args.save_every,
+        lora_parameters={"rank": args.rank, "dropout": 0.0, "scale": args.scale},
+    )
+    options.force = args.force
+    run_lora(model, tokenizer, options)

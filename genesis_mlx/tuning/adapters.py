@@ -1,0 +1,59 @@
+"""Loading LoRA adapters onto a model, and fusing them into a plain model."""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import GenesisError
+
+
+def load_adapters(model, adapter_path: str):
+    """mlx-lm's adapter loading, with one-line errors for the usual mistakes."""
+    from mlx_lm.tuner.utils import load_adapters as mlx_load_adapters
+
+    path = Path(adapter_path)
+    if not (path / "adapter_config.json").is_file() or not (path / "adapters.safetensors").is_file():
+        raise GenesisError(f"--adapter-path {path}: expected adapter_config.json and "
+                           "adapters.safetensors (written by genesis-mlx lora)")
+    config = json.loads((path / "adapter_config.json").read_text())
+    if config.get("num_layers", 0) > len(model.layers):
+        raise GenesisError(f"the adapters in {path} were trained for a model with at least "
+                           f"{config['num_layers']} layers; this one has {len(model.layers)}")
+    try:
+        return mlx_load_adapters(model, str(path))
+    except ValueError as e:
+        lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise GenesisError(f"the adapters in {path} do not fit this model ({detail}); "
+                           "were they trained on another model shape?") from None
+
+
+def fuse(model, model_dir: Path, save_path: str, force: bool = False) -> Path:
+    """Folds the adapters into the weights and writes a plain converted model (the
+    source's config and tokenizer files, the fused weights)."""
+    out = Path(save_path)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise GenesisError(f"--save-path {out} exists and is not empty; choose another path "
+                           "or pass --force")
+    fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
+    if not fused:
+        raise GenesisError("the model has no adapters to fuse")
+    model.update_modules(tree_unflatten(fused))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".genesis-fuse-", dir=out.parent))
+    try:
+        for item in Path(model_dir).iterdir():
+            if item.is_file() and not item.name.startswith("model"):
+                shutil.copy2(item, staging / item.name)
+        mx.save_safetensors(str(staging / "model.safetensors"),
+                            dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -1,0 +1,197 @@
+"""genesis-mlx lora / fuse on a tiny model with the real tokenizer."""
+
+import json
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import genesis_mlx as g
+from conftest import logits_tolerance
+from genesis_mlx.conversion.convert import convert
+from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+
+FACTS = [("What colour is the sky?", "The sky is blue."),
+         ("What do cows drink?", "Cows drink water."),
+         ("Name a prime number.", "Seven is a prime number."),
+         ("Where is Paris?", "Paris is in France.")]
+TINY = dict(DEMO, n_embd=64, n_layer=4, n_head=2, n_kv_head=1)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "genesis_mlx", *args], capture_output=True,
+                          text=True, timeout=900)
+
+
+def write_data(directory, kind="messages"):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in [("train", 48), ("valid", 8), ("test", 8)]:
+        with open(directory / f"{name}.jsonl", "w") as f:
+            for i in range(n):
+                q, a = FACTS[i % len(FACTS)]
+                record = {"messages": {"messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}]},
+                          "completions": {"prompt": q, "completion": a},
+                          "text": {"text": f"{q} {a}"}}[kind]
+                f.write(json.dumps(record) + "\n")
+    return directory
+
+
+def validation_loss(model, tokenizer, data_dir):
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import evaluate
+
+    from genesis_mlx.tuning.lora import training_args
+
+    args = training_args(data=str(data_dir), train=True, test=False, mask_prompt=False)
+    _, valid, _ = load_dataset(args, tokenizer)
+    model.train()
+    loss = evaluate(model, CacheDataset(valid), batch_size=4, num_batches=-1)
+    model.eval()
+    return float(loss)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer_path):
+    work = tmp_path_factory.mktemp("lora")
+    checkpoint = write_reference_checkpoint(work / "tiny.safetensors", TINY)
+    model_dir = convert(str(checkpoint), str(work / "model"), tokenizer=tokenizer_path)
+    data = write_data(work / "data")
+    result = cli("lora", "--model", str(model_dir), "--train", "--data", str(data),
+                 "--iters", "30", "--batch-size", "4", "--learning-rate", "2e-3",
+                 "--num-layers", "4", "--adapter-path", str(work / "adapters"),
+                 "--steps-per-eval", "1000", "--val-batches", "1", "--mask-prompt")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return model_dir, work / "adapters", data, work
+
+
+def test_training_lowers_validation_loss(trained):
+    model_dir, adapters, data, _ = trained
+    base, tokenizer = g.load(str(model_dir))
+    tuned, _ = g.load(str(model_dir), adapter_path=str(adapters))
+    before, after = validation_loss(base, tokenizer, data), validation_loss(tuned, tokenizer, data)
+    print(f"\n[lora] validation loss {before:.3f} -> {after:.3f}")
+    assert after < before - 0.5
+
+
+def test_saved_adapters_reload_to_the_same_logits(trained):
+    from genesis_mlx.tuning.lora import LORA_KEYS
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model_dir, adapters, _, _ = trained
+    loaded, _ = g.load(str(model_dir), adapter_path=str(adapters))
+    in_memory, _ = g.load(str(model_dir))
+    linear_to_lora_layers(in_memory, 4, {"rank": 8, "scale": 20.0, "dropout": 0.0,
+                                         "keys": LORA_KEYS})
+    in_memory.load_weights(str(adapters / "adapters.safetensors"), strict=False)
+    in_memory.eval()
+    ids = mx.array(np.random.RandomState(0).randint(0, 50000, (1, 40)))
+    assert np.array_equal(np.array(loaded(ids)), np.array(in_memory(ids)))
+
+
+def test_fused_model_equals_base_plus_adapter(trained, tmp_path):
+    model_dir, adapters, _, _ = trained
+    result = cli("fuse", "--model", str(model_dir), "--adapter-path", str(adapters),
+                 "--save-path", str(tmp_path / "fused"))
+    assert result.returncode == 0, result.stderr
+    fused, _ = g.load(str(tmp_path / "fused"))
+    adapted, _ = g.load(str(model_dir), adapter_path=str(adapters))
+    ids = mx.array(np.random.RandomState(1).randint(0, 50000, (1, 40)))
+    want = np.array(adapted(ids))
+    assert np.abs(np.array(fused(ids)) - want).max() <= logits_tolerance(want)
+    base, _ = g.load(str(model_dir))
+    assert np.abs(np.array(base(ids)) - want).max() > 1e-3, "the adapters changed nothing"
+
+
+def test_generate_and_chat_accept_adapters(trained):
+    model_dir, adapters, _, _ = trained
+    args = ["generate", "--model", str(model_dir), "--prompt", "What colour is the sky?",
+            "--temp", "1", "--top-k", "0", "--top-p", "1", "--seed", "0", "--max-tokens", "16"]
+    tuned, base = cli(*args, "--adapter-path", str(adapters)), cli(*args)
+    assert tuned.returncode == 0 and base.returncode == 0, tuned.stderr
+    assert tuned.stdout != base.stdout, "the adapter did not change generation"
+    chat = subprocess.run([sys.executable, "-m", "genesis_mlx", "chat", "--model", str(model_dir),
+                           "--adapter-path", str(adapters), "--temp", "0", "--max-tokens", "8"],
+                          input="Where is Paris?\n/quit\n", capture_output=True, text=True,
+                          timeout=600)
+    assert chat.returncode == 0 and "Assistant:" in chat.stdout, chat.stderr
+
+
+@pytest.mark.parametrize("kind", ["completions", "text"])
+def test_qlora_on_a_quantized_model_and_other_formats(trained, tokenizer_path, tmp_path, kind):
+    _, _, _, work = trained
+    q_dir = convert(str(work / "tiny.safetensors"), str(tmp_path / "q4"), quantize_model=True,
+                    q_bits=4, tokenizer=tokenizer_path)
+    data = write_data(tmp_path / "data", kind)
+    result = cli("lora", "--model", str(q_dir), "--train", "--data", str(data), "--iters", "4",
+                 "--batch-size", "2", "--num-layers", "2", "--adapter-path",
+                 str(tmp_path / "ad"), "--val-batches", "1", "--steps-per-report", "2",
+                 "--grad-checkpoint")
+    assert result.returncode == 0, result.stderr[-2000:]
+    tuned, _ = g.load(str(q_dir), adapter_path=str(tmp_path / "ad"))
+    out = np.array(tuned(mx.array([[1, 2, 3]])))
+    assert np.isfinite(out).all()
+
+
+def one_line_error(result, *needles):
+    err = result.stderr.strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_bad_input(trained, tmp_path, tokenizer_path):
+    model_dir, adapters, data, work = trained
+    bad = tmp_path / "bad"
+    write_data(bad)
+    lines = (bad / "train.jsonl").read_text().splitlines()
+    lines[4] = '{"messages": [oops'
+    (bad / "train.jsonl").write_text("\n".join(lines) + "\n")
+    base = ["lora", "--model", str(model_dir), "--train", "--iters", "1",
+            "--adapter-path", str(tmp_path / "new")]
+    one_line_error(cli(*base, "--data", str(bad)), "train.jsonl:5", "not valid JSON")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "train.jsonl").write_text("")
+    one_line_error(cli(*base, "--data", str(empty)), "empty")
+    # an existing adapter directory is not overwritten unasked
+    before = (adapters / "adapters.safetensors").read_bytes()
+    result = cli("lora", "--model", str(model_dir), "--train", "--data", str(data),
+                 "--iters", "1", "--adapter-path", str(adapters))
+    one_line_error(result, "already holds adapters", "--force")
+    assert (adapters / "adapters.safetensors").read_bytes() == before
+    # adapters trained for another shape
+    other = convert(str(write_reference_checkpoint(tmp_path / "o.safetensors",
+                                                   dict(TINY, n_embd=96, n_head=3))),
+                    str(tmp_path / "other"), tokenizer=tokenizer_path)
+    result = cli("generate", "--model", str(other), "--adapter-path", str(adapters),
+                 "--prompt", "hi", "--max-tokens", "2")
+    one_line_error(result, "do not fit this model")
+
+
+def test_gradients_reach_gla_and_fox_layers(trained):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from genesis_mlx.tuning.lora import LORA_KEYS
+
+    model_dir, _, _, _ = trained
+    model, _ = g.load(str(model_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 4, {"rank": 4, "scale": 1.0, "dropout": 0.0, "keys": LORA_KEYS})
+    model.train()
+    ids = mx.array(np.random.RandomState(2).randint(0, 50000, (2, 100)))
+
+    def loss(m):
+        return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
+
+    _, grads = nn.value_and_grad(model, loss)(model)
+    flat = dict(tree_flatten(grads))
+    for i, block in enumerate(model.blocks):
+        # lora_b starts at zero, lora_a at random: its gradient is (x A)^T dY
+        g_b = flat[f"blocks.{i}.attn.q_proj.lora_b"]
+        assert np.isfinite(np.array(g_b)).all()
+        assert float(mx.abs(g_b).max()) > 0, f"no gradient reaches layer {i} (fox={block.is_fox})"
