@@ -1,7 +1,34 @@
-"""Sequence-mixer implementations: plain MLX reference ops (``naive``) and the
-dispatch the model calls through. Fused kernels plug in here; the ops path is the
-fallback everywhere and the only path with gradients."""
+"""Sequence mixers: plain MLX reference ops (``naive``), fused GPU kernels, and the
+dispatch the model calls. The ops path runs everywhere and is the only one with
+gradients; a GPU kernel is used when the device has one and the call is inference.
+``GENESIS_MLX_KERNELS=off`` forces the ops path."""
 
-from .naive import causal_decay, fox_attention, gla_chunk, gla_chunked, gla_step
+from .gla_recurrent import gla_recurrent, gpu_backend
+from .naive import (causal_decay, fox_attention, gla_chunk, gla_chunked,
+                    gla_chunked_parallel, gla_step)
 
-__all__ = ["causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_step"]
+# Up to this many new tokens, the recurrent kernel (sequential in time, parallel over
+# batch * heads * value columns) beats the chunked form.
+RECURRENT_MAX_T = 64
+
+
+def gla_prefill(q, k, v, log_g, scale, chunk_size, state=None, beta=None):
+    """Whole-sequence GLA (no-cache forward, training). The delta rule makes each
+    chunk depend on the previous state, so it keeps the sequential form."""
+    if beta is not None:
+        return gla_chunked(q, k, v, log_g, scale, chunk_size, state, beta)
+    return gla_chunked_parallel(q, k, v, log_g, scale, chunk_size, state)
+
+
+def gla_decode(q, k, v, log_g, scale, chunk_size, state):
+    """GLA continuing from a cached state (inference)."""
+    T = q.shape[2]
+    if T <= RECURRENT_MAX_T and gpu_backend() is not None:
+        return gla_recurrent(q, k, v, log_g, scale, state)
+    if T == 1:
+        return gla_step(q, k, v, log_g, scale, state)
+    return gla_chunked_parallel(q, k, v, log_g, scale, chunk_size, state)
+
+
+__all__ = ["causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
+           "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]

@@ -309,11 +309,9 @@ class GatedLinearAttention(nn.Module):
             beta = None
             if self.use_delta_rule and T >= self.chunk_size:
                 beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
-            out, _ = kernels.gla_chunked(q, k, v, log_g, self.scale, self.chunk_size, None, beta)
-        elif T == 1:
-            out, state = kernels.gla_step(q, k, v, log_g, self.scale, state)
+            out, _ = kernels.gla_prefill(q, k, v, log_g, self.scale, self.chunk_size, None, beta)
         else:
-            out, state = kernels.gla_chunked(q, k, v, log_g, self.scale, self.chunk_size, state)
+            out, state = kernels.gla_decode(q, k, v, log_g, self.scale, self.chunk_size, state)
         if cache is not None:
             n_real = T if pad_mask is None else pad_mask.sum(axis=1).astype(mx.int32)
             cache[0], cache[1], cache[2] = tail, state, start + n_real
@@ -448,6 +446,8 @@ class GenesisBlock(nn.Module):
         overhead of ~60 small ops per layer (5-10% of a CPU decode step measured
         here; fp32 decoding is memory-bound there). The parameters are inputs of the
         compiled function (not constants), so later weight updates are seen."""
+        if kernels.gpu_backend() == "emulate":  # runs C++ on host arrays: not traceable
+            return self(x, cache)
         if getattr(self, "_compiled_step", None) is None:
             def step(x, tail, state, position):
                 layer_cache = [tail, state, position]

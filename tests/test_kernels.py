@@ -1,0 +1,111 @@
+"""Kernels against the ops path they must reproduce. The GLA recurrent kernel's body
+runs here on the CPU (compiled as C++, one call per GPU thread); on a GPU machine
+the same tests run the Metal or CUDA kernel."""
+
+import os
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from genesis_mlx.kernels import gla_decode, gla_recurrent, gpu_backend
+from genesis_mlx.kernels.gla_recurrent import gla_recurrent_emulated
+from genesis_mlx.kernels.naive import gla_chunked, gla_chunked_parallel, gla_step
+
+SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
+LENGTHS = [1, 5, 64, 65, 130]
+
+
+def inputs(B, H, T, Dk, Dv, with_state, dtype=mx.float32, seed=0):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, H, T, Dk)).astype(dtype)
+    k = (mx.random.normal((B, H, T, Dk)) * 0.2).astype(dtype)
+    v = mx.random.normal((B, H, T, Dv)).astype(dtype)
+    g = -mx.random.uniform(0, 0.7, (B, H, T))
+    s = mx.random.normal((B, H, Dk, Dv)) if with_state else None
+    return q, k, v, g, Dk ** -0.5, s
+
+
+def rel(a, b):
+    return float(mx.abs(a - b).max() / mx.maximum(mx.abs(a).max(), 1e-6))
+
+
+def kernel_runs():
+    runs = [("emulated", gla_recurrent_emulated)]
+    backend = gpu_backend()
+    if backend in ("metal", "cuda"):
+        runs.append((backend, lambda *a: gla_recurrent(*a, backend=backend)))
+    return runs
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", LENGTHS)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_recurrent_kernel_equals_ops(shape, T, with_state):
+    B, H, Dk, Dv = shape
+    q, k, v, g, scale, s = inputs(B, H, T, Dk, Dv, with_state)
+    want, want_state = gla_chunked(q, k, v, g, scale, 64, s)
+    for name, run in kernel_runs():
+        out, state = run(q, k, v, g, scale, s)
+        assert rel(want, out) <= 1e-5 and rel(want_state, state) <= 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_recurrent_kernel_reduced_precision_inputs(dtype):
+    """Inputs in bf16/fp16, state and arithmetic in fp32: the same values as the ops
+    path given the same rounded inputs (fp32 bound)."""
+    q, k, v, g, scale, s = inputs(2, 3, 33, 48, 96, True, dtype)
+    want, want_state = gla_chunked(q, k, v, g, scale, 64, s)
+    for name, run in kernel_runs():
+        out, state = run(q, k, v, g, scale, s)
+        assert rel(want, out) <= 1e-5 and rel(want_state, state) <= 1e-5, name
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 257])
+def test_chunked_without_python_loop_equals_loop(T):
+    q, k, v, g, scale, s = inputs(2, 3, T, 16, 32, True)
+    a, sa = gla_chunked(q, k, v, g, scale, 64, s)
+    b, sb = gla_chunked_parallel(q, k, v, g, scale, 64, s)
+    assert rel(a, b) <= 1e-5 and rel(sa, sb) <= 1e-5
+
+
+def test_chunked_parallel_gradients_equal_loop():
+    q, k, v, g, scale, s = inputs(1, 2, 150, 16, 32, True)
+
+    def loss(fn, q, k, v, g):
+        out, state = fn(q, k, v, g, scale, 64, s)
+        return (out * out).sum() + state.sum()
+
+    for arg in range(4):
+        ga = mx.grad(lambda *a: loss(gla_chunked, *a), argnums=arg)(q, k, v, g)
+        gb = mx.grad(lambda *a: loss(gla_chunked_parallel, *a), argnums=arg)(q, k, v, g)
+        assert np.isfinite(np.array(gb)).all() and rel(ga, gb) <= 1e-4, arg
+
+
+def test_dispatch_uses_kernel_only_where_available(monkeypatch):
+    q, k, v, g, scale, s = inputs(1, 3, 1, 48, 96, True)
+    monkeypatch.setenv("GENESIS_MLX_KERNELS", "off")
+    out, _ = gla_decode(q, k, v, g, scale, 64, s)
+    want, _ = gla_step(q, k, v, g, scale, s)
+    assert np.array_equal(np.array(out), np.array(want))  # the ops path, exactly
+    monkeypatch.setenv("GENESIS_MLX_KERNELS", "emulate")
+    emulated, _ = gla_decode(q, k, v, g, scale, 64, s)
+    assert rel(want, emulated) <= 1e-5
+
+
+def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, monkeypatch):
+    from test_parity import CONFIGS, mlx_model, tokens
+
+    _, path = reference_checkpoint(**CONFIGS["gqa3"])
+    ids = tokens(40)
+    results = {}
+    kernel = gpu_backend() if gpu_backend() in ("metal", "cuda") else "emulate"
+    for mode in ("off", kernel if kernel == "emulate" else "auto"):
+        monkeypatch.setenv("GENESIS_MLX_KERNELS", mode)
+        model = mlx_model(path)
+        cache = model.make_cache()
+        outs = [model(mx.array(ids[:, :20]), cache=cache)]
+        outs += [model(mx.array(ids[:, t : t + 1]), cache=cache) for t in range(20, 40)]
+        results[mode] = np.concatenate([np.array(o) for o in outs], axis=1)
+    a, b = results.values()
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
