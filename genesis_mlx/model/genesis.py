@@ -380,8 +380,9 @@ class ForgettingAttention(nn.Module):
             k_all, v_grouped = kv_cache.update_and_fetch(k, v_grouped)
             v_all = v_grouped.reshape(B, Hkv, -1, H // Hkv, D).transpose(0, 1, 3, 2, 4)
             v_all = v_all.reshape(B, H, -1, D)
-            empty = mx.zeros((B, H, T, 0), dtype=mx.float32)
-            cumsum_all, _ = cumsum_cache.update_and_fetch(cumsum[..., None], empty)
+            # KVCache needs values too; a zero-width array would do, but saving one
+            # crashes MLX's CUDA backend (0.32.4), so the 4 bytes/head/token repeat.
+            cumsum_all, _ = cumsum_cache.update_and_fetch(cumsum[..., None], cumsum[..., None])
             cumsum_all = cumsum_all[..., 0]
             # Left padding seen so far: keys before it stay masked for good.
             n_pad = conv_cache[1]
