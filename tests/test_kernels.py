@@ -8,9 +8,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from genesis_mlx.kernels import gla_decode, gla_recurrent, gpu_backend
+from genesis_mlx.kernels import fox_attention_kernel, gla_decode, gla_recurrent, gpu_backend
 from genesis_mlx.kernels.gla_recurrent import gla_recurrent_emulated
-from genesis_mlx.kernels.naive import gla_chunked, gla_chunked_parallel, gla_step
+from genesis_mlx.kernels.naive import fox_attention, gla_chunked, gla_chunked_parallel, gla_step
 
 SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
 LENGTHS = [1, 5, 64, 65, 130]
@@ -91,6 +91,47 @@ def test_dispatch_uses_kernel_only_where_available(monkeypatch):
     monkeypatch.setenv("GENESIS_MLX_KERNELS", "emulate")
     emulated, _ = gla_decode(q, k, v, g, scale, 64, s)
     assert rel(want, emulated) <= 1e-5
+
+
+def fox_inputs(B, H, Hkv, Tq, Tk, D, dtype=mx.float32, seed=0):
+    mx.random.seed(seed)
+    q = mx.random.normal((B, H, Tq, D)).astype(dtype)
+    k = mx.random.normal((B, Hkv, Tk, D)).astype(dtype)
+    v = mx.random.normal((B, H, Tk, D)).astype(dtype)
+    ck = mx.cumsum(-mx.random.uniform(0, 0.3, (B, H, Tk)), axis=-1)
+    return q, k, v, ck[..., Tk - Tq:], ck, D ** -0.5
+
+
+def fox_runs():
+    runs = [("emulated", lambda *a: fox_attention_kernel(*a, backend="emulate"))]
+    backend = gpu_backend()
+    if backend in ("metal", "cuda"):
+        runs.append((backend, lambda *a: fox_attention_kernel(*a, backend=backend)))
+    return runs
+
+
+# (B, H, Hkv, Tq, Tk, D): prefill (Tq == Tk) odd and long, decode (Tq = 1), GQA 3:1,
+# MHA, a chunk of new queries after cached keys.
+FOX_SHAPES = [(1, 3, 1, 1, 1, 64), (2, 9, 3, 37, 37, 64), (1, 4, 4, 130, 130, 16),
+              (2, 6, 2, 1, 300, 32), (1, 9, 3, 20, 600, 64)]
+
+
+@pytest.mark.parametrize("shape", FOX_SHAPES)
+def test_fox_kernel_equals_ops(shape):
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    want = fox_attention(q, k, v, cq, ck, scale)
+    for name, run in fox_runs():
+        assert rel(want, run(q, k, v, cq, ck, scale)) <= 1e-5, name
+
+
+def test_fox_kernel_left_padding_and_reduced_precision():
+    q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
+    key_start = mx.array([0, 7, 39], mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    for name, run in fox_runs():
+        got = run(q, k, v, cq, ck, scale, key_start)
+        assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
 
 
 def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, monkeypatch):

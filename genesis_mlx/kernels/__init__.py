@@ -5,7 +5,9 @@ gradients; a GPU kernel is used when the device has one and the call is inferenc
 
 import mlx.core as mx
 
-from .gla_recurrent import gla_recurrent, gpu_backend
+from .fox_attention import fox_attention_kernel
+from .gla_recurrent import gla_recurrent
+from .shared import gpu_backend
 from .naive import (causal_decay, fox_attention, gla_chunk, gla_chunked,
                     gla_chunked_parallel, gla_step)
 
@@ -35,5 +37,12 @@ def gla_decode(q, k, v, log_g, scale, chunk_size, state):
     return gla_prefill(q, k, v, log_g, scale, chunk_size, state)
 
 
-__all__ = ["causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
+def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False):
+    """FoX attention: the kernel at inference where there is one, else the ops path."""
+    if not training and gpu_backend() is not None:
+        return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
+    return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
+
+
+__all__ = ["fox_attend", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
            "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]

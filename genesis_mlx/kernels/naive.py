@@ -107,31 +107,32 @@ def fox_attention(
     cumsum_q: mx.array,
     cumsum_k: mx.array,
     scale: float,
-    key_mask: Optional[mx.array] = None,
+    key_start: Optional[mx.array] = None,
     block_size: int = 512,
 ) -> mx.array:
     """Causal softmax attention biased by the forget gate: s_ij += c_i - c_j.
 
     q: [B, H, Tq, D]; k: [B, Hkv, Tk, D] (query head h reads KV head h // (H/Hkv));
     v: [B, H, Tk, D]; cumsum_q: [B, H, Tq]; cumsum_k: [B, H, Tk] (fp32).
-    The queries are the last Tq of the Tk positions. ``key_mask`` [B, Tk] marks
-    keys that exist (False for left padding). Queries are processed in blocks of
-    ``block_size`` rows so the bias matrix never exceeds block_size x Tk.
+    The queries are the last Tq of the Tk positions. Keys before ``key_start`` [B]
+    (left padding) are masked; a padded query sees only itself, to stay finite.
+    Queries go in blocks of ``block_size`` rows, so the bias matrix never exceeds
+    block_size x Tk.
     """
     H, Tq = q.shape[1], q.shape[2]
     n_rep = H // k.shape[1]
     if n_rep > 1:
         k = mx.repeat(k, n_rep, axis=1)
     Tk = k.shape[2]
+    keys = mx.arange(Tk)[None]
     outputs = []
     for start in range(0, Tq, block_size):
         end = min(start + block_size, Tq)
         rows = mx.arange(Tk - Tq + start, Tk - Tq + end)[:, None]
-        allowed = rows >= mx.arange(Tk)[None]
-        if key_mask is not None:
-            allowed = allowed[None] & key_mask[:, None, :]
-            allowed = allowed | (rows == mx.arange(Tk)[None])  # keep padded rows finite
-            allowed = allowed[:, None]
+        allowed = rows >= keys
+        if key_start is not None:
+            after_padding = keys[None] >= key_start[:, None, None]
+            allowed = ((allowed[None] & after_padding) | (rows == keys)[None])[:, None]
         bias = cumsum_q[..., start:end, None] - cumsum_k[..., None, :]
         bias = mx.where(allowed, bias, -mx.inf)
         scores = (q[..., start:end, :].astype(mx.float32) * scale) @ k.astype(

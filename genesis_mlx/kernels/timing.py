@@ -6,8 +6,9 @@ import time
 import mlx.core as mx
 
 from . import gpu_backend
+from .fox_attention import fox_attention_kernel
 from .gla_recurrent import gla_recurrent
-from .naive import gla_chunked, gla_chunked_parallel, gla_step
+from .naive import fox_attention, gla_chunked, gla_chunked_parallel, gla_step
 
 
 def median_ms(fn, reps=20, warmup=3):
@@ -49,6 +50,44 @@ def layer_rows(backend):
     return rows
 
 
+def peak_mb(fn):
+    mx.eval(fn())  # warm-up, then measure from a clean slate
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    base = mx.get_active_memory()
+    mx.eval(fn())
+    return (mx.get_peak_memory() - base) / 2**20
+
+
+def fox_rows(backend):
+    rows = []
+    for T in (2048, 8192):
+        q = mx.random.normal((1, 9, T, 64))
+        k = mx.random.normal((1, 3, T, 64))
+        v = mx.random.normal((1, 9, T, 64))
+        c = mx.cumsum(-mx.random.uniform(0, 0.1, (1, 9, T)), axis=-1)
+        mx.eval(q, k, v, c)
+        scale = 64 ** -0.5
+        full = lambda: fox_attention(q, k, v, c, c, scale, block_size=T)
+        blocked = lambda: fox_attention(q, k, v, c, c, scale)
+        rows.append((f"FoX prefill {T}, peak extra memory (MB)", "ops, full T x T bias", peak_mb(full)))
+        rows.append((f"FoX prefill {T}, peak extra memory (MB)", "ops, 512-row blocks", peak_mb(blocked)))
+        if backend:
+            kernel = lambda: fox_attention_kernel(q, k, v, c, c, scale)
+            rows.append((f"FoX prefill {T}, peak extra memory (MB)", backend, peak_mb(kernel)))
+        if T == 2048:
+            rows.append(("FoX prefill 2048, per layer", "ops, 512-row blocks",
+                         median_ms(blocked, reps=5)))
+            q1, c1 = q[:, :, -1:], c[..., -1:]
+            rows.append(("FoX decode at 2048, per layer", "ops",
+                         median_ms(lambda: fox_attention(q1, k, v, c1, c, scale))))
+            if backend:
+                rows.append(("FoX prefill 2048, per layer", backend, median_ms(kernel, reps=5)))
+                rows.append(("FoX decode at 2048, per layer", backend,
+                             median_ms(lambda: fox_attention_kernel(q1, k, v, c1, c, scale))))
+    return rows
+
+
 def model_rows(backend):
     import os
 
@@ -87,7 +126,7 @@ def main():
     backend = gpu_backend()
     backend = backend if backend in ("metal", "cuda") else None
     print(f"device: {mx.default_device()}, kernel backend: {backend or 'none (ops only)'}")
-    for what, path, value in layer_rows(backend) + model_rows(backend):
+    for what, path, value in layer_rows(backend) + fox_rows(backend) + model_rows(backend):
         unit = "" if "(" in what else " ms"
         print(f"| {what} | {path} | {value:.3f}{unit} |")
 

@@ -368,10 +368,11 @@ class ForgettingAttention(nn.Module):
         if pad_mask is not None:
             log_f = mx.where(pad_mask[:, None, :], log_f, 0.0)
         cumsum = mx.cumsum(log_f, axis=-1)
-        key_mask = None
+        key_start = None
         if cache is None:
             cumsum_all, k_all, v_all = cumsum, k, v
-            key_mask = pad_mask
+            if pad_mask is not None:
+                key_start = T - pad_mask.sum(axis=1).astype(mx.int32)
         else:
             if cumsum_cache.offset > 0:
                 cumsum = cumsum + cumsum_cache.keys[:, :, cumsum_cache.offset - 1, 0][..., None]
@@ -389,10 +390,10 @@ class ForgettingAttention(nn.Module):
             if pad_mask is not None:
                 n_pad = (0 if n_pad is None else n_pad) + (T - pad_mask.sum(axis=1).astype(mx.int32))
                 conv_cache[1] = n_pad
-            if n_pad is not None:
-                key_mask = mx.arange(k_all.shape[2])[None] >= n_pad[:, None]
+            key_start = n_pad
             conv_cache[0] = tail
-        out = kernels.fox_attention(q, k_all, v_all, cumsum, cumsum_all, self.scale, key_mask)
+        out = kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, self.scale, key_start,
+                                 training=self.training)
         out = out.astype(x.dtype).transpose(0, 2, 1, 3)
         if self.pro:
             ogate = self.ogate_proj(x).reshape(B, T, H, D)

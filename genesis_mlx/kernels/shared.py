@@ -1,0 +1,112 @@
+"""One kernel body, three ways to run it: ``mx.fast.metal_kernel``,
+``mx.fast.cuda_kernel``, and a CPU emulation that compiles the body as C++ and calls
+it once per GPU thread. The bodies (``metal/*.inc``) use only what the three
+preludes define (GLOBAL_THREAD_ID, EXP, NEG_INF, uint) and per-thread work, so the
+emulation runs exactly the logic the GPU runs."""
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import numpy as np
+
+SOURCE_DIR = Path(__file__).parent / "metal"
+THREADGROUP = 128
+
+PRELUDES = {
+    "metal": ("#define GLOBAL_THREAD_ID thread_position_in_grid.x\n"
+              "#define EXP metal::exp\n#define NEG_INF (-INFINITY)\n"),
+    "cuda": ("typedef unsigned int uint;\n"
+             "#define GLOBAL_THREAD_ID (blockIdx.x * blockDim.x + threadIdx.x)\n"
+             "#define EXP expf\n#define NEG_INF (-__int_as_float(0x7f800000))\n"),
+    "cpu": ("#include <cmath>\ntypedef unsigned int uint;\n"
+            "#define EXP std::exp\n#define NEG_INF (-INFINITY)\n"),
+}
+
+
+def gpu_backend() -> Optional[str]:
+    """"metal", "cuda", None (ops path), or "emulate" (the kernel bodies on the CPU,
+    for tests: ``GENESIS_MLX_KERNELS=emulate``). ``off`` forces the ops path."""
+    choice = os.environ.get("GENESIS_MLX_KERNELS", "auto")
+    if choice in ("off", "emulate"):
+        return None if choice == "off" else "emulate"
+    if mx.metal.is_available():
+        return "metal"
+    if hasattr(mx, "cuda") and mx.cuda.is_available():
+        return "cuda"
+    return None
+
+
+class SharedKernel:
+    def __init__(self, name: str, source: str, inputs: Sequence[Tuple[str, str]],
+                 outputs: Sequence[str], shapes_of: Sequence[str], templates: Sequence[str]):
+        self.name, self.source = name, source
+        self.inputs = list(inputs)  # (name, "float" or "int")
+        self.outputs = list(outputs)
+        self.shapes_of = list(shapes_of)
+        self.templates = list(templates)
+
+    def body(self) -> str:
+        return (SOURCE_DIR / self.source).read_text()
+
+    @functools.lru_cache(maxsize=None)
+    def compiled(self, backend: str):
+        factory = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
+        return factory(name=self.name, input_names=[n for n, _ in self.inputs],
+                       output_names=self.outputs, source=self.body(), header=PRELUDES[backend])
+
+    def __call__(self, backend: str, inputs: List[mx.array], template: Dict[str, int],
+                 n_threads: int, output_shapes: List[tuple]) -> List[mx.array]:
+        if backend == "emulate":
+            return self.emulate(inputs, template, n_threads, output_shapes)
+        groups = (n_threads + THREADGROUP - 1) // THREADGROUP
+        return self.compiled(backend)(
+            inputs=inputs, template=list(template.items()),
+            grid=(groups * THREADGROUP, 1, 1), threadgroup=(THREADGROUP, 1, 1),
+            output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes))
+
+    # --- CPU emulation ---
+
+    def emulation_source(self, template: Dict[str, int]) -> str:
+        params = [f"const {t}* {n}" for n, t in self.inputs]
+        params += [f"const int* {n}_shape" for n in self.shapes_of]
+        params += [f"float* {n}" for n in self.outputs]
+        args = [n for n, _ in self.inputs] + [f"{n}_shape" for n in self.shapes_of] + self.outputs
+        consts = "".join(f"constexpr int {k} = {v};\n" for k, v in template.items())
+        return (f"{PRELUDES['cpu']}{consts}"
+                f"static void thread_body(uint GLOBAL_THREAD_ID, {', '.join(params)}) {{\n"
+                f"{self.body()}\n}}\n"
+                f"extern \"C\" void run(uint n_threads, {', '.join(params)}) {{\n"
+                f"  for (uint t = 0; t < n_threads; ++t) thread_body(t, {', '.join(args)});\n}}\n")
+
+    @functools.lru_cache(maxsize=None)
+    def library(self, template_items: tuple):
+        source = self.emulation_source(dict(template_items))
+        digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+        build = Path(tempfile.gettempdir()) / "genesis-mlx-kernels"
+        build.mkdir(exist_ok=True)
+        library = build / f"{self.name}_{digest}.so"
+        if not library.exists():
+            src = library.with_suffix(".cpp")
+            src.write_text(source)
+            subprocess.run(["c++", "-O2", "-std=c++17", "-shared", "-fPIC", str(src), "-o",
+                            str(library)], check=True, capture_output=True)
+        return ctypes.CDLL(str(library))
+
+    def emulate(self, inputs, template, n_threads, output_shapes):
+        dtypes = {"float": np.float32, "int": np.int32}
+        host = [np.ascontiguousarray(np.array(a.astype(mx.float32 if t == "float" else mx.int32)),
+                                     dtype=dtypes[t]) for a, (_, t) in zip(inputs, self.inputs)]
+        by_name = dict(zip([n for n, _ in self.inputs], host))
+        shapes = [np.array(by_name[n].shape, np.int32) for n in self.shapes_of]
+        outs = [np.zeros(s, np.float32) for s in output_shapes]
+        ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+        self.library(tuple(sorted(template.items()))).run(
+            ctypes.c_uint(n_threads), *[ptr(a) for a in host + shapes + outs])
+        return [mx.array(o) for o in outs]
