@@ -64,6 +64,8 @@ def trained(tmp_path_factory, tokenizer_path):
                  "--num-layers", "4", "--adapter-path", str(work / "adapters"),
                  "--steps-per-eval", "1000", "--val-batches", "1", "--mask-prompt")
     assert result.returncode == 0, result.stderr[-2000:]
+    progress = [l for l in result.stdout.splitlines() if l.startswith("[genesis-mlx] iter 30:")]
+    assert progress and "tok/s" in progress[0] and "peak memory" in progress[0], result.stdout[-800:]
     return model_dir, work / "adapters", data, work
 
 

@@ -90,6 +90,23 @@ def training_args(**options) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
+def progress_callback():
+    """mlx-lm's training table shows loss and tokens/s; this adds peak memory."""
+    from mlx_lm.tuner.callbacks import TrainingCallback
+
+    class Progress(TrainingCallback):
+        def on_train_loss_report(self, info):
+            print(f"[genesis-mlx] iter {info['iteration']}: train loss {info['train_loss']:.3f}, "
+                  f"{info['tokens_per_second']:.1f} tok/s, peak memory "
+                  f"{info['peak_memory']:.2f} GB", flush=True)
+
+        def on_val_loss_report(self, info):
+            print(f"[genesis-mlx] iter {info['iteration']}: val loss {info['val_loss']:.3f}",
+                  flush=True)
+
+    return Progress()
+
+
 def run_lora(model, tokenizer, args: types.SimpleNamespace, callback=None):
     """Trains (``args.train``) and/or tests (``args.test``) adapters on ``model``."""
     from mlx_lm.lora import evaluate_model, train_model
@@ -105,7 +122,7 @@ def run_lora(model, tokenizer, args: types.SimpleNamespace, callback=None):
     train_set, valid_set, test_set = load_dataset(args, tokenizer)
     model.train()  # TTT and selective activation are inference-only, as in the reference
     if args.train:
-        train_model(args, model, train_set, valid_set, callback)
+        train_model(args, model, train_set, valid_set, callback or progress_callback())
     if args.test:
         if not args.train:
             from .adapters import load_adapters
