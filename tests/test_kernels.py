@@ -2,7 +2,6 @@
 runs here on the CPU (compiled as C++, one call per GPU thread); on a GPU machine
 the same tests run the Metal or CUDA kernel."""
 
-import os
 
 import mlx.core as mx
 import numpy as np

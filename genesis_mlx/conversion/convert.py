@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -47,14 +47,31 @@ def quantize(model: nn.Module, bits: int, group_size: int) -> dict:
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
 
 
-def check_output_dir(path: Path, force: bool):
+def check_output_dir(path: Path, force: bool, flag: str = "--mlx-path"):
     if path.exists() and not path.is_dir():
-        raise GenesisError(f"--mlx-path {path} exists and is not a directory")
+        raise GenesisError(f"{flag} {path} exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not force:
         raise GenesisError(
-            f"--mlx-path {path} exists and is not empty; choose another path or pass "
+            f"{flag} {path} exists and is not empty; choose another path or pass "
             "--force to overwrite it"
         )
+
+
+def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], None]) -> Path:
+    """Writes model.safetensors plus what ``write_rest`` adds next to the destination,
+    then moves it into place: an interrupted run leaves no half-written model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".genesis-write-", dir=out.parent))
+    try:
+        mx.save_safetensors(str(staging / "model.safetensors"),
+                            dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+        write_rest(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def convert(
@@ -97,26 +114,12 @@ def convert(
     if quantize_model:
         config["quantization"] = quantize(model, q_bits, q_group_size)
 
-    # Write next to the destination, then move into place: an interrupted run
-    # leaves no half-written model behind.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".genesis-convert-", dir=out.parent))
-    try:
-        mx.save_safetensors(
-            str(staging / "model.safetensors"),
-            dict(tree_flatten(model.parameters())),
-            metadata={"format": "mlx"},
-        )
+    def write_rest(staging: Path):
         save_config(config, staging / "config.json")
         if tok is not None:
             tok.save_pretrained(str(staging))
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
 
+    return write_model_dir(out, model, write_rest)
 
 def read_config(model_dir: Path) -> dict:
     with open(model_dir / "config.json") as f:

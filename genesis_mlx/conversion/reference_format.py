@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 

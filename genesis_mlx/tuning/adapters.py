@@ -2,12 +2,11 @@
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
-import mlx.core as mx
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_unflatten
 
+from ..conversion.convert import check_output_dir, write_model_dir
 from ..errors import GenesisError
 
 
@@ -36,24 +35,15 @@ def fuse(model, model_dir: Path, save_path: str, force: bool = False) -> Path:
     """Folds the adapters into the weights and writes a plain converted model (the
     source's config and tokenizer files, the fused weights)."""
     out = Path(save_path)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise GenesisError(f"--save-path {out} exists and is not empty; choose another path "
-                           "or pass --force")
+    check_output_dir(out, force, "--save-path")
     fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:
         raise GenesisError("the model has no adapters to fuse")
     model.update_modules(tree_unflatten(fused))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".genesis-fuse-", dir=out.parent))
-    try:
+
+    def copy_config_and_tokenizer(staging: Path):
         for item in Path(model_dir).iterdir():
             if item.is_file() and not item.name.startswith("model"):
                 shutil.copy2(item, staging / item.name)
-        mx.save_safetensors(str(staging / "model.safetensors"),
-                            dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    return write_model_dir(out, model, copy_config_and_tokenizer)
