@@ -15,6 +15,10 @@ CONFIGS = {
     "gqa": dict(),
     "mha": dict(n_kv_head=4, hybrid_full_attn_ratio=0.5),
     "gqa3": dict(n_embd=96, n_head=6, n_kv_head=2, n_layer=5, hybrid_full_attn_ratio=0.2),
+    # every optional branch the other way round
+    "variants": dict(gla_use_short_conv=False, use_fox_pro=False, gla_use_mamba_gate=False,
+                     gla_qk_norm="rms", gla_fuse_norm_gate=False, use_zero_centered_norm=False,
+                     tie_word_embeddings=False, use_mup=False),
 }
 LENGTHS = [1, 37, 100, 600]
 

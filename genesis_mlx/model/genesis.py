@@ -285,8 +285,8 @@ class GatedLinearAttention(nn.Module):
         if pad_mask is not None:
             keep = pad_mask[..., None]
             q, k, v = (mx.where(keep, a, 0) for a in (q, k, v))
+        tail = cache[0] if cache is not None else None
         if self.use_short_conv:
-            tail = cache[0] if cache is not None else None
             (q, k, v), tail = causal_conv_with_tail(
                 [self.conv_q, self.conv_k, self.conv_v], [q, k, v], tail, self.conv_size
             )
@@ -354,8 +354,8 @@ class ForgettingAttention(nn.Module):
         if pad_mask is not None:
             k, v = (mx.where(pad_mask[..., None], a, 0) for a in (k, v))
         conv_cache, kv_cache, cumsum_cache = cache if cache is not None else (None,) * 3
+        tail = conv_cache[0] if conv_cache is not None else None
         if self.pro:
-            tail = conv_cache[0] if conv_cache is not None else None
             (k, v), tail = causal_conv_with_tail(
                 [self.k_conv, self.v_conv], [k, v], tail, self.conv_size
             )
