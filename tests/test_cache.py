@@ -132,3 +132,40 @@ def test_fox_cache_keeps_only_kv_heads(reference_checkpoint):
     keys, values = fox[1].state[0], fox[1].state[1]
     assert keys.shape[1] == 2 and keys.shape[-1] == 16
     assert values.shape[1] == 2 and values.shape[-1] == 3 * 16
+
+
+KV32 = dict(n_embd=64, n_head=2, n_kv_head=1)  # head size 32: quantizable in groups of 32
+
+
+def fox_kv_bytes(cache):
+    from mlx_lm.models.cache import CacheList
+
+    return sum(c.caches[1].nbytes for c in cache if isinstance(c, CacheList))
+
+
+def test_quantized_fox_cache_decodes_close_to_exact(reference_checkpoint, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    from genesis_mlx.errors import GenesisError
+
+    _, path = reference_checkpoint(**KV32)
+    model = mlx_model(path)
+    ids = tokens(90)
+    exact, exact_cache = run_chunks(model, ids, [70, 1, 19])
+    cache = model.make_cache(kv_bits=8)  # groups of 32: the head size is 32
+    outs = [model(mx.array(ids[:, :70]), cache=cache), model(mx.array(ids[:, 70:71]), cache=cache)]
+    save_prompt_cache(str(tmp_path / "q.safetensors"), cache)
+    resumed = load_prompt_cache(str(tmp_path / "q.safetensors"))
+    outs.append(model(mx.array(ids[:, 71:]), cache=cache))
+    quantized = np.concatenate([np.array(o) for o in outs], axis=1)
+    err = np.abs(quantized - exact).max()
+    print(f"8-bit FoX cache: max|delta| {err:.2e}, max|logit| {np.abs(exact).max():.2f}")
+    assert 0 < err <= 0.05 * max(1.0, np.abs(exact).max())
+    # 1 byte per element plus an fp32 scale and bias per 32, against 4 bytes
+    assert fox_kv_bytes(cache) / fox_kv_bytes(exact_cache) == (1 + 8 / 32) / 4
+    again = np.array(model(mx.array(ids[:, 71:]), cache=resumed))
+    assert np.abs(again - quantized[:, 71:]).max() == 0.0
+    with pytest.raises(GenesisError, match="kv-bits 3"):
+        model.make_cache(kv_bits=3)
+    with pytest.raises(GenesisError, match="kv_group_size 64"):
+        model.make_cache(kv_bits=8, kv_group_size=64)  # does not divide the head size 32

@@ -63,6 +63,7 @@ def test_generate_reads_stdin_and_raw_checkpoints(demo_model, tokenizer_path, tm
     (["--prompt", "hi", "--temp", "-1"], "--temp"),
     (["--prompt", "hi", "--top-p", "1.5"], "--top-p"),
     (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["--prompt", "hi", "--kv-bits", "5"], "--kv-bits 5"),
     (["--prompt", "hi", "--model", "nobody/not-a-model"], "Hugging Face Hub"),
     (["--prompt", "hi", "--model", "./missing-dir"], "no such model"),
 ])
@@ -74,6 +75,14 @@ def test_generate_bad_input(demo_model, args, needle):
     err = result.stderr.decode().strip()
     assert result.returncode == 2 and len(err.splitlines()) == 1, err
     assert needle in err and "Traceback" not in err
+
+
+def test_generate_with_a_quantized_fox_cache(demo_model):
+    model_dir, _ = demo_model
+    result = cli("generate", "--model", str(model_dir), "--prompt", "Hello", "--temp", "0",
+                 "--max-tokens", "10", "--kv-bits", "8", "--verbose")
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"Generation: 10 tokens" in result.stderr and result.stdout.strip()
 
 
 def test_generate_rejects_non_utf8_stdin(demo_model):

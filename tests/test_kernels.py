@@ -9,7 +9,9 @@ import pytest
 
 from genesis_mlx.kernels import fox_attention_kernel, gla_decode, gla_recurrent, gpu_backend
 from genesis_mlx.kernels.gla_recurrent import gla_recurrent_emulated
-from genesis_mlx.kernels.naive import fox_attention, gla_chunked, gla_chunked_parallel, gla_step
+from genesis_mlx.kernels.cpu import deal_out, fox_attention_parallel
+from genesis_mlx.kernels.naive import (fox_attention, fox_attention_grouped, gla_chunked,
+                                       gla_chunked_parallel, gla_step)
 
 SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
 LENGTHS = [1, 5, 64, 65, 130]
@@ -102,10 +104,10 @@ def fox_inputs(B, H, Hkv, Tq, Tk, D, dtype=mx.float32, seed=0):
 
 
 def fox_runs():
-    runs = [("emulated", lambda *a: fox_attention_kernel(*a, backend="emulate"))]
+    runs = [("emulated", lambda *a, **kw: fox_attention_kernel(*a, backend="emulate", **kw))]
     backend = gpu_backend()
     if backend in ("metal", "cuda"):
-        runs.append((backend, lambda *a: fox_attention_kernel(*a, backend=backend)))
+        runs.append((backend, lambda *a, **kw: fox_attention_kernel(*a, backend=backend, **kw)))
     return runs
 
 
@@ -122,6 +124,27 @@ def test_fox_kernel_equals_ops(shape):
     want = fox_attention(q, k, v, cq, ck, scale)
     for name, run in fox_runs():
         assert rel(want, run(q, k, v, cq, ck, scale)) <= 1e-5, name
+
+
+@pytest.mark.parametrize("split", [1, 16, 64])
+@pytest.mark.parametrize("shape", [(2, 6, 2, 1, 130, 32), (1, 9, 3, 20, 300, 64)])
+def test_fox_kernel_key_splits_merge_to_ops(shape, split):
+    """Decode-style key splits (flash-decoding), including splits that hold no key
+    a row may see and splits of a single key."""
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    key_start = mx.array([37] * B, mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    for name, run in fox_runs():
+        assert rel(want, run(q, k, v, cq, ck, scale, key_start, split=split)) <= 1e-5, name
+
+
+def test_fox_kernel_split_size_fills_the_gpu():
+    from genesis_mlx.kernels.fox_attention import split_size
+
+    assert split_size(9, 2048) == 64            # decode: 32 splits per query
+    assert split_size(9 * 2048, 2048) == 2048   # long prefill: one split per row
+    assert split_size(9, 100_000) == 256        # powers of two, >= 64 keys
 
 
 def test_fox_kernel_left_padding_and_reduced_precision():
@@ -149,3 +172,75 @@ def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, mon
         results[mode] = np.concatenate([np.array(o) for o in outs], axis=1)
     a, b = results.values()
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+
+
+def grouped(v, Hkv):
+    """[B, H, T, D] -> the cache's layout [B, Hkv, T, n_rep * D]."""
+    B, H, T, D = v.shape
+    return v.reshape(B, Hkv, H // Hkv, T, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T, -1)
+
+
+def ungrouped(v_grouped, H):
+    B, Hkv, T, _ = v_grouped.shape
+    return v_grouped.reshape(B, Hkv, T, H // Hkv, -1).transpose(0, 1, 3, 2, 4).reshape(B, H, T, -1)
+
+
+# (B, H, Hkv, Tq, Tk, D, key_start): decode, a chat turn after cached keys, a left-padded
+# batch, MHA.
+GROUPED_CASES = [(1, 9, 3, 1, 50, 64, None), (2, 6, 2, 7, 40, 32, [3, 0]),
+                 (2, 4, 4, 5, 5, 32, None), (1, 6, 2, 64, 64, 32, [10])]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES)
+def test_grouped_fox_equals_ops(case):
+    B, H, Hkv, Tq, Tk, D, starts = case
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    key_start = None if starts is None else mx.array(starts, mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    got = fox_attention_grouped(q, k, grouped(v, Hkv), cq, ck, scale, key_start)
+    assert rel(want, got) <= 1e-6
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_grouped_fox_equals_ops_on_dequantized_cache(bits):
+    """With a quantized cache, attention is exact given the stored (rounded) K and V."""
+    B, H, Hkv, Tq, Tk, D = 2, 6, 2, 3, 70, 32
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    k_q = mx.quantize(k, group_size=32, bits=bits)
+    v_q = mx.quantize(grouped(v, Hkv), group_size=32, bits=bits)
+    k_stored = mx.dequantize(*k_q, group_size=32, bits=bits)
+    v_stored = ungrouped(mx.dequantize(*v_q, group_size=32, bits=bits), H)
+    want = fox_attention(q, k_stored, v_stored, cq, ck, scale)
+    got = fox_attention_grouped(q, k_q, v_q, cq, ck, scale, quantized=(32, bits))
+    assert rel(want, got) <= 1e-5
+    # and the rounding is real: the exact K/V give different outputs
+    assert rel(fox_attention(q, k, v, cq, ck, scale), got) > 1e-4
+
+
+@pytest.mark.parametrize("Tq,Tk,starts", [(300, 300, None), (200, 333, None), (257, 257, [0, 30])])
+def test_fox_spread_over_cpu_streams_equals_ops(Tq, Tk, starts):
+    B = 1 if starts is None else len(starts)
+    q, k, v, cq, ck, scale = fox_inputs(B, 6, 2, Tq, Tk, 32)
+    key_start = None if starts is None else mx.array(starts, mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    got = fox_attention_parallel(q, k, v, cq, ck, scale, key_start, block_size=64)
+    assert rel(want, got) <= 1e-6
+
+
+def test_work_dealt_out_evenly():
+    owner = deal_out([1, 2, 3, 4, 5, 6, 7, 8], 2)
+    loads = [sum(c for c, o in zip(range(1, 9), owner) if o == s) for s in (0, 1)]
+    assert loads == [18, 18]
+
+
+def test_fast_math_equals_mlx():
+    from genesis_mlx import fastmath
+
+    x = mx.linspace(-80, 80, 100_001)
+    assert rel(mx.exp(x), fastmath.exp(x)) <= 1e-5
+    assert rel(mx.sigmoid(x), fastmath.sigmoid(x)) <= 1e-6
+    assert rel(x * mx.sigmoid(x), fastmath.silu(x)) <= 1e-6
+    scores = mx.random.normal((4, 50)) * 20
+    scores = mx.where(mx.random.uniform(shape=(4, 50)) < 0.5, scores, -mx.inf)
+    scores[:, 0] = 1.0  # every row keeps one finite entry
+    assert rel(mx.softmax(scores, axis=-1), fastmath.softmax(scores)) <= 1e-6

@@ -9,8 +9,9 @@ def add_arguments(p):
     p.add_argument("--prompt-lengths", default="128,512,2048")
     p.add_argument("--gen", type=int, default=128, help="tokens generated per measurement")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--compare", default="reference,mlx-lm",
-                   help="comma list of: reference (genesis-llm, torch), mlx-lm (same-size Llama)")
+    p.add_argument("--compare", default="genesis-mlx-kv8,reference,mlx-lm",
+                   help="comma list of: genesis-mlx-kv8 (this port with 8-bit FoX K/V), "
+                        "reference (genesis-llm, torch), mlx-lm (same-size Llama)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
 
 
@@ -22,5 +23,6 @@ def run(args):
     compare = [c for c in args.compare.split(",") if c]
     unknown = [c for c in compare if c not in IMPLS[1:]]
     if unknown or not lengths or args.gen < 1 or args.reps < 1:
-        raise GenesisError("bench: --compare takes reference,mlx-lm; lengths, --gen and --reps must be positive")
+        raise GenesisError(f"bench: --compare takes {','.join(IMPLS[1:])}; lengths, --gen and "
+                          "--reps must be positive")
     bench(args.model, lengths, args.gen, args.reps, compare, args.json)

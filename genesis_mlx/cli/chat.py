@@ -61,7 +61,8 @@ def answer(session: ChatSession, line: str):
 def run(args):
     sampling = sampling_from(args)
     model, tokenizer = load_from(args)
-    session = ChatSession(model, tokenizer, sampling, args.system_prompt, args.max_tokens)
+    session = ChatSession(model, tokenizer, sampling, args.system_prompt, args.max_tokens,
+                          args.kv_bits)
     notice(HELP)
     while True:
         try:

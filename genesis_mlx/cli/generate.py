@@ -17,6 +17,9 @@ def add_model_arguments(p):
                    help="tokenizer.json for converting a raw checkpoint offline")
     p.add_argument("--ttt", choices=["on", "off"], default="on",
                    help="test-time training while decoding (default on)")
+    p.add_argument("--kv-bits", type=int, default=None,
+                   help="store the FoX layers' K/V quantized to 4 or 8 bits (less memory, "
+                        "small logit error; default exact)")
 
 
 def add_sampling_arguments(p):
@@ -40,6 +43,9 @@ def add_arguments(p):
 
 
 def sampling_from(args) -> SamplingOptions:
+    """The sampling options, checked (with the cache options) before loading."""
+    if args.kv_bits not in (None, 4, 8):
+        raise GenesisError(f"--kv-bits {args.kv_bits}: use 4 or 8 (or leave it out: exact)")
     options = SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p,
                               args.repetition_penalty, args.seed)
     options.validate()
@@ -73,7 +79,8 @@ def run(args):
     last = None
     for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampling,
                                 system_prompt=args.system_prompt,
-                                use_chat_template=not args.ignore_chat_template):
+                                use_chat_template=not args.ignore_chat_template,
+                                kv_bits=args.kv_bits):
         print(last.text, end="", flush=True)
     print()
     if args.verbose and last is not None:

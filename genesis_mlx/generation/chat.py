@@ -5,12 +5,11 @@ tokens. Rendering follows the reference CLI (ChatML with a newline before
 import json
 from typing import Iterator, List, Optional
 
-import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
 from ..errors import GenesisError
-from .generate import SamplingOptions, stream_generate
+from .generate import SamplingOptions, prefill, stream_generate
 
 
 def snapshot(cache):
@@ -24,8 +23,10 @@ def restore(saved):
 
 class ChatSession:
     def __init__(self, model, tokenizer, sampling: Optional[SamplingOptions] = None,
-                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_tokens: int = 256):
+                 system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_tokens: int = 256,
+                 kv_bits: Optional[int] = None):
         self.model, self.tokenizer = model, tokenizer
+        self.kv_bits = kv_bits
         self.sampling = sampling or SamplingOptions()
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
@@ -33,7 +34,7 @@ class ChatSession:
 
     def reset(self):
         self.history: List[dict] = []
-        self.cache = self.model.make_cache()
+        self.cache = self.model.make_cache(self.kv_bits)
         self.n_tokens = 0
         self.open_answer = False  # the last answer did not end with <|im_end|>
 
@@ -69,8 +70,7 @@ class ChatSession:
         self.history = history
         if history:
             ids = ids[:-1]  # the trailing newline is re-added by the next turn
-            self.model(mx.array(ids)[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
+            prefill(self.model, ids, self.cache)
             self.n_tokens = len(ids)
 
     def ask(self, user_text: str, notice=print) -> Iterator[str]:
@@ -96,8 +96,7 @@ class ChatSession:
             # The state may be mid-update: roll back and re-read what was shown.
             self.cache = restore(saved)
             replay = ids + answer_ids
-            self.model(mx.array(replay)[None], cache=self.cache)
-            mx.eval([c.state for c in self.cache])
+            prefill(self.model, replay, self.cache)
             self.n_tokens += len(replay)
             self.open_answer = True
             answer = self.tokenizer.decode(answer_ids)

@@ -19,6 +19,11 @@ DEFAULT_TOP_K = 50
 DEFAULT_TOP_P = 0.9
 DEFAULT_REPETITION_PENALTY = 1.05
 
+# Prompts are read in pieces of this many tokens: a FoX layer's attention scores for a
+# piece are [heads, piece, context], so the piece bounds prefill memory (mlx-lm's
+# default, 2048, would hold 4x more at 2048 tokens of context) at no cost in speed.
+PREFILL_STEP = 1024
+
 
 @dataclass
 class SamplingOptions:
@@ -84,11 +89,12 @@ def stream_generate(
     prompt_cache: Optional[list] = None,
     system_prompt: Optional[str] = None,
     use_chat_template: bool = True,
+    kv_bits: Optional[int] = None,
 ) -> Iterator[GenerationResponse]:
     """Streams GenerationResponse chunks. ``prompt`` is text (rendered with the chat
     template unless ``use_chat_template`` is False) or token ids (used as given).
     Pass ``prompt_cache`` (``model.make_cache()``) to continue from earlier state:
-    it is updated in place."""
+    it is updated in place. ``kv_bits`` quantizes a new cache's FoX K/V."""
     sampling = sampling or SamplingOptions()
     sampling.validate()
     if max_tokens == 0 or max_tokens < -1:
@@ -107,8 +113,16 @@ def stream_generate(
         model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
         sampler=sampling.sampler(),
         logits_processors=sampling.logits_processors(context),
-        prompt_cache=prompt_cache if prompt_cache is not None else model.make_cache(),
+        prompt_cache=prompt_cache if prompt_cache is not None else model.make_cache(kv_bits),
+        prefill_step_size=PREFILL_STEP,
     )
+
+
+def prefill(model, ids: List[int], cache: list):
+    """Reads tokens into the cache in PREFILL_STEP pieces, as generation does."""
+    for start in range(0, len(ids), PREFILL_STEP):
+        model(mx.array(ids[start:start + PREFILL_STEP])[None], cache=cache)
+        mx.eval([c.state for c in cache])
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False,

@@ -5,10 +5,11 @@ gradients; a GPU kernel is used when the device has one and the call is inferenc
 
 import mlx.core as mx
 
+from .cpu import fox_attention_parallel, use_cpu_streams
 from .fox_attention import fox_attention_kernel
 from .gla_recurrent import gla_recurrent
 from .shared import gpu_backend
-from .naive import (causal_decay, fox_attention, gla_chunk, gla_chunked,
+from .naive import (causal_decay, fox_attention, fox_attention_grouped, gla_chunk, gla_chunked,
                     gla_chunked_parallel, gla_step)
 
 # Up to this many new tokens, the recurrent kernel (sequential in time, parallel over
@@ -37,22 +38,46 @@ def gla_decode(q, k, v, log_g, scale, chunk_size, state):
     return gla_prefill(q, k, v, log_g, scale, chunk_size, state)
 
 
-# The FoX kernel is a memory kernel: one thread per query row, no bias matrix (18 MB
-# instead of 4.7 GB at 8192 tokens on an H100) but slower than the ops path (4.1 vs
-# 1.8 ms per layer at 2048) and far slower for a handful of queries (decode: 9
-# threads). So it takes the long prefills, where the bias matrix would be large.
+# The FoX kernel is a memory kernel: no bias matrix (18 MB instead of 4.7 GB at 8192
+# tokens on an H100) but slower than the ops path for prefills (4.1 vs 1.8 ms per
+# layer at 2048, measured when it had one thread per row), so it takes the long
+# prefills, where the bias matrix would be large. Decoding keeps the ops path (0.17 ms
+# per layer there): the kernel's key splits (one thread per 64 keys, where it had 9
+# threads per token before) have not been timed on a GPU yet.
 FOX_KERNEL_MIN_QUERIES = 1024
 
 
-def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False):
+# Up to this many queries against a cache, the grouped form (no per-head copy of
+# V) is used; longer chunks copy V once into per-head layout.
+FOX_GROUPED_MAX_QUERIES = 64
+
+
+def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False,
+               v_grouped=False, quantized=None):
     """FoX attention: the kernel for long inference prefills where there is one,
-    else the ops path."""
+    else the ops path (for a few queries against a cache: its grouped form; for long
+    CPU prefills: spread over the cores). ``v_grouped``: v is [B, Hkv, Tk, n_rep * D]
+    (the cache's layout) instead of [B, H, Tk, D]. ``quantized=(group_size, bits)``:
+    k and v are mx.quantize triples (a quantized cache)."""
+    Tq = q.shape[2]
     backend = gpu_backend()
-    long_prefill = q.shape[2] >= FOX_KERNEL_MIN_QUERIES or backend == "emulate"
-    if not training and backend is not None and long_prefill:
+    use_kernel = not training and backend is not None and (
+        Tq >= FOX_KERNEL_MIN_QUERIES or backend == "emulate")
+    if v_grouped and Tq <= FOX_GROUPED_MAX_QUERIES and not use_kernel:
+        return fox_attention_grouped(q, k, v, cumsum_q, cumsum_k, scale, key_start, quantized)
+    if quantized is not None:
+        group_size, bits = quantized
+        k, v = (mx.dequantize(*a, group_size=group_size, bits=bits) for a in (k, v))
+    if v_grouped:
+        B, H, _, D = q.shape
+        Hkv = k.shape[1]
+        v = v.reshape(B, Hkv, -1, H // Hkv, D).transpose(0, 1, 3, 2, 4).reshape(B, H, -1, D)
+    if use_kernel:
         return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
+    if use_cpu_streams(Tq, training):
+        return fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
-__all__ = ["fox_attend", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
+__all__ = ["fox_attend", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
            "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]

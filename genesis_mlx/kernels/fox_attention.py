@@ -1,34 +1,60 @@
 """The FoX attention kernel (prefill and decode): ``metal/fox_attention.inc``.
 
 It computes what ``naive.fox_attention`` computes, without the bias matrix and
-without repeating K for GQA. No VJP: inference only."""
+without repeating K for GQA. Keys are cut into splits, each its own thread, whose
+partial softmaxes are merged here (flash-decoding), so a single query row still
+spreads over many threads. No VJP: inference only."""
 
 from typing import Optional
 
 import mlx.core as mx
 
+from ..fastmath import exp
 from .shared import SharedKernel, gpu_backend
 
 KERNEL = SharedKernel(
     "genesis_fox_attention", "fox_attention.inc",
     inputs=[("q", "float"), ("k", "float"), ("v", "float"), ("cq", "float"), ("ck", "float"),
             ("key_start", "int"), ("scale", "float")],
-    outputs=["out"], shapes_of=["cq", "ck"], templates=["D", "H", "N_REP"])
+    outputs=["acc", "m", "l"], shapes_of=["cq", "ck"], templates=["D", "H", "N_REP", "SPLIT"])
+
+# Enough threads to fill a GPU: rows x splits >= this many, splits of >= MIN_SPLIT keys.
+TARGET_THREADS = 4096
+MIN_SPLIT = 64
+
+
+def split_size(n_rows: int, n_keys: int) -> int:
+    """Keys per split: one split per row when the rows alone fill the GPU (long
+    prefills), else enough splits to get there (decode). A power of two, so that
+    decoding step after step reuses one compiled kernel."""
+    wanted = -(-TARGET_THREADS // n_rows)  # splits per row
+    size = max(MIN_SPLIT, -(-n_keys // wanted))
+    return 1 << (size - 1).bit_length()
+
+
+def merge_splits(acc, m, l):
+    """Partial softmaxes [.., n_split, D], [.., n_split] -> normalized output."""
+    weight = exp(m - m.max(axis=-1, keepdims=True))
+    return (acc * weight[..., None]).sum(axis=-2) / (l * weight).sum(axis=-1)[..., None]
 
 
 def fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale: float,
                          key_start: Optional[mx.array] = None,
-                         backend: Optional[str] = None) -> mx.array:
-    """Same contract as ``naive.fox_attention``."""
+                         backend: Optional[str] = None, split: Optional[int] = None) -> mx.array:
+    """Same contract as ``naive.fox_attention``. ``split``: keys per thread (default
+    from ``split_size``)."""
     backend = backend or gpu_backend()
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
+    split = split or split_size(B * H * Tq, Tk)
+    n_split = -(-Tk // split)
     if key_start is None:
         key_start = mx.zeros((B,), mx.int32)
     inputs = [q.reshape(B * H, Tq, D), k.reshape(B * Hkv, Tk, D), v.reshape(B * H, Tk, D),
               cumsum_q.astype(mx.float32).reshape(B * H, Tq),
               cumsum_k.astype(mx.float32).reshape(B * H, Tk),
               key_start.astype(mx.int32), mx.array([scale], mx.float32)]
-    (out,) = KERNEL(backend, inputs, {"D": D, "H": H, "N_REP": H // Hkv}, B * H * Tq,
-                    [(B * H, Tq, D)])
-    return out.reshape(B, H, Tq, D)
+    template = {"D": D, "H": H, "N_REP": H // Hkv, "SPLIT": split}
+    acc, m, l = KERNEL(backend, inputs, template, B * H * Tq * n_split,
+                       [(B * H, Tq, n_split, D), (B * H, Tq, n_split), (B * H, Tq, n_split)])
+    return merge_splits(acc, m, l).reshape(B, H, Tq, D)

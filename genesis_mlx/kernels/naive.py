@@ -9,6 +9,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from ..fastmath import exp, softmax
+
 
 def causal_decay(log_decay_cumsum: mx.array) -> mx.array:
     """exp(G_i - G_j) for j <= i, else 0, over the last axis of ``G``.
@@ -19,7 +21,7 @@ def causal_decay(log_decay_cumsum: mx.array) -> mx.array:
     n = log_decay_cumsum.shape[-1]
     diff = log_decay_cumsum[..., :, None] - log_decay_cumsum[..., None, :]
     causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
-    return mx.exp(mx.where(causal, diff, -mx.inf))
+    return exp(mx.where(causal, diff, -mx.inf))
 
 
 def gla_chunk(
@@ -45,11 +47,11 @@ def gla_chunk(
     scores = (q @ k.swapaxes(-1, -2)) * scale * causal_decay(G)
     out = scores @ v
     if state is not None:
-        out = out + (q @ state) * (mx.exp(G)[..., None] * scale)
+        out = out + (q @ state) * (exp(G)[..., None] * scale)
 
     G_end = G[..., -1:]
-    k_weighted = k * mx.exp(G_end - G)[..., None]
-    decayed = state * mx.exp(G_end)[..., None] if state is not None else None
+    k_weighted = k * exp(G_end - G)[..., None]
+    decayed = state * exp(G_end)[..., None] if state is not None else None
     if beta is not None and decayed is not None:
         v = (v - (k_weighted @ decayed) * scale) * beta[..., None]
     elif beta is not None:
@@ -96,7 +98,7 @@ def gla_step(
     q, k, v = (a.astype(mx.float32) for a in (q, k, v))
     update = k.swapaxes(-1, -2) @ v
     if state is not None:
-        update = update + mx.exp(log_g)[..., None] * state
+        update = update + exp(log_g)[..., None] * state
     return (q @ update) * scale, update
 
 
@@ -138,9 +140,68 @@ def fox_attention(
         scores = (q[..., start:end, :].astype(mx.float32) * scale) @ k.astype(
             mx.float32
         ).swapaxes(-1, -2)
-        weights = mx.softmax(scores + bias, axis=-1)
+        weights = softmax(scores + bias, axis=-1)
         outputs.append(weights @ v.astype(mx.float32))
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+
+
+def fox_attention_grouped(
+    q: mx.array,
+    k,
+    v_grouped,
+    cumsum_q: mx.array,
+    cumsum_k: mx.array,
+    scale: float,
+    key_start: Optional[mx.array] = None,
+    quantized: Optional[Tuple[int, int]] = None,
+) -> mx.array:
+    """``fox_attention`` for a few queries against a cache, without copying it.
+
+    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (query head
+    h = g * n_rep + r reads columns r * D:(r + 1) * D of KV group g). Queries of one
+    group share one product with K and one with V; the V product also forms the
+    cross terms r != h (n_rep times the work of a per-head product), which costs
+    less than materializing V per head for a handful of queries.
+    ``quantized=(group_size, bits)``: k and v_grouped are mx.quantize triples (an
+    8-bit cache), multiplied without dequantizing.
+    """
+    B, H, Tq, D = q.shape
+    Hkv = kv_heads(k)
+    Tk = cumsum_k.shape[-1]
+    n_rep = H // Hkv
+    grouped_q = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep * Tq, D)
+    scores = cache_product(grouped_q, k, True, quantized).reshape(B, H, Tq, Tk)
+    scores = scores + (cumsum_q[..., None] - cumsum_k[..., None, :])
+    allowed = None
+    if Tq > 1:
+        allowed = mx.arange(Tk - Tq, Tk)[:, None] >= mx.arange(Tk)[None]
+    if key_start is not None:
+        keys, rows = mx.arange(Tk), mx.arange(Tk - Tq, Tk)[:, None]
+        after_padding = (keys[None] >= key_start[:, None, None]) | (rows == keys)[None]
+        allowed = (after_padding if allowed is None else allowed[None] & after_padding)[:, None]
+    if allowed is not None:
+        scores = mx.where(allowed, scores, -mx.inf)
+    weights = softmax(scores, axis=-1).reshape(B, Hkv, n_rep * Tq, Tk)
+    every_pair = cache_product(weights, v_grouped, False, quantized)
+    every_pair = every_pair.reshape(B, Hkv, n_rep, Tq, n_rep, D)
+    own_head = mx.eye(n_rep, dtype=mx.bool_)[:, None, :, None]
+    out = mx.where(own_head, every_pair, 0.0).sum(axis=-2)
+    return out.reshape(B, H, Tq, D)
+
+
+def kv_heads(cached) -> int:
+    return (cached[0] if isinstance(cached, (list, tuple)) else cached).shape[1]
+
+
+def cache_product(x: mx.array, cached, transpose: bool,
+                  quantized: Optional[Tuple[int, int]]) -> mx.array:
+    """x @ cached (or @ cached^T), cached plain or an mx.quantize triple."""
+    if quantized is None:
+        y = cached.astype(mx.float32)
+        return x @ (y.swapaxes(-1, -2) if transpose else y)
+    group_size, bits = quantized
+    return mx.quantized_matmul(x, *cached, transpose=transpose, group_size=group_size,
+                               bits=bits)
 
 
 def gla_chunked_parallel(
@@ -175,21 +236,21 @@ def gla_chunked_parallel(
     G = mx.cumsum(log_g.reshape(B, H, N, C), axis=-1)
     G_end = G[..., -1]                                    # [B, H, N]
     intra = ((q @ k.swapaxes(-1, -2)) * scale * causal_decay(G)) @ v
-    k_weighted = k * mx.exp(G_end[..., None] - G)[..., None]
+    k_weighted = k * exp(G_end[..., None] - G)[..., None]
     U = (k_weighted.swapaxes(-1, -2) @ v).reshape(B, H, N, Dk * Dv)
 
     L = mx.cumsum(G_end, axis=-1)                         # decay through chunk c
     L_before = L - G_end                                  # decay before chunk c
     idx = mx.arange(N)
     strictly_before = idx[:, None] > idx[None, :]
-    weights = mx.exp(mx.where(strictly_before, L_before[..., :, None] - L[..., None, :], -mx.inf))
+    weights = exp(mx.where(strictly_before, L_before[..., :, None] - L[..., None, :], -mx.inf))
     S_in = weights @ U                                    # [B, H, N, Dk*Dv]
     if state is not None:
-        S_in = S_in + mx.exp(L_before)[..., None] * state.reshape(B, H, 1, Dk * Dv)
+        S_in = S_in + exp(L_before)[..., None] * state.reshape(B, H, 1, Dk * Dv)
     S_in = S_in.reshape(B, H, N, Dk, Dv)
-    inter = (q @ S_in) * (mx.exp(G)[..., None] * scale)
+    inter = (q @ S_in) * (exp(G)[..., None] * scale)
     out = (intra + inter).reshape(B, H, N * C, Dv)[:, :, :T]
 
-    S_last = S_in[:, :, -1] * mx.exp(G_end[..., -1])[..., None, None] + U[:, :, -1].reshape(
+    S_last = S_in[:, :, -1] * exp(G_end[..., -1])[..., None, None] + U[:, :, -1].reshape(
         B, H, Dk, Dv)
     return out, S_last

@@ -21,9 +21,11 @@ from typing import Any, List, Optional
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
-from mlx_lm.models.cache import ArraysCache, CacheList, KVCache
+from mlx_lm.models.cache import ArraysCache, CacheList, KVCache, QuantizedKVCache
 
 from .. import kernels
+from ..errors import GenesisError
+from ..fastmath import sigmoid, silu
 
 
 @dataclass
@@ -123,6 +125,19 @@ def unsupported_config_reason(args: ModelArgs) -> Optional[str]:
     return None
 
 
+# FoX caches grow in steps of this many tokens (mlx-lm's default, 256, leaves up to
+# 255 empty slots per layer: at a short context that is most of the cache).
+FOX_CACHE_STEP = 64
+
+
+def check_kv_quantization(args: ModelArgs, bits: int, group_size: int):
+    if bits not in (4, 8):
+        raise GenesisError(f"--kv-bits {bits}: use 4 or 8")
+    if group_size not in (32, 64, 128) or args.head_dim % group_size:
+        raise GenesisError(f"kv_group_size {group_size}: must be 32, 64 or 128 and divide "
+                           f"the head size ({args.head_dim})")
+
+
 class ZeroCenteredRMSNorm(nn.Module):
     """RMSNorm whose gain is 1 + omega (omega is what the checkpoint stores)."""
 
@@ -143,7 +158,7 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x, gate=None):
         y = mx.fast.rms_norm(x, self.weight, self.eps)
-        return y if gate is None else y * nn.silu(gate)
+        return y if gate is None else y * silu(gate)
 
 
 class GroupRMSNorm(nn.Module):
@@ -184,7 +199,7 @@ class ShortConvolution(nn.Module):
         """history: [B, K - 1 + T, C], the T inputs preceded by the K - 1 before them
         (zeros at the start of a sequence). Returns [B, T, C]."""
         y = mx.conv1d(history, self.conv.weight, groups=history.shape[2])
-        return nn.silu(y) if self.activation else y
+        return silu(y) if self.activation else y
 
 
 def causal_conv_with_tail(convs, inputs, tail, kernel_size):
@@ -308,7 +323,7 @@ class GatedLinearAttention(nn.Module):
         if cache is None:
             beta = None
             if self.use_delta_rule and T >= self.chunk_size:
-                beta = mx.sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
+                beta = sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
             out, _ = kernels.gla_prefill(q, k, v, log_g, self.scale, self.chunk_size, None, beta)
         else:
             out, state = kernels.gla_decode(q, k, v, log_g, self.scale, self.chunk_size, state)
@@ -347,14 +362,14 @@ class ForgettingAttention(nn.Module):
             self.k_conv = ShortConvolution(Hkv * self.head_dim, self.conv_size)
             self.v_conv = ShortConvolution(H * self.head_dim, self.conv_size)
 
-    def __call__(self, x, cache=None, pad_mask=None):
+    def project(self, x, tail=None, pad_mask=None):
+        """x -> q [B, H, T, D], k [B, Hkv, T, D], v [B, H, T, D], log forget gate
+        [B, H, T] (fp32), and the short convs' new tail."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if pad_mask is not None:
             k, v = (mx.where(pad_mask[..., None], a, 0) for a in (k, v))
-        conv_cache, kv_cache, cumsum_cache = cache if cache is not None else (None,) * 3
-        tail = conv_cache[0] if conv_cache is not None else None
         if self.pro:
             (k, v), tail = causal_conv_with_tail(
                 [self.k_conv, self.v_conv], [k, v], tail, self.conv_size
@@ -363,10 +378,15 @@ class ForgettingAttention(nn.Module):
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         v = v.reshape(B, T, H, D).transpose(0, 2, 1, 3)
-
         log_f = nn.log_sigmoid(self.fgate_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         if pad_mask is not None:
             log_f = mx.where(pad_mask[:, None, :], log_f, 0.0)
+        return q, k, v, log_f, tail
+
+    def attend(self, q, k, v, log_f, cache=None, pad_mask=None):
+        """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
+        B, H, T, D = q.shape
+        Hkv = k.shape[1]
         cumsum = mx.cumsum(log_f, axis=-1)
         key_start = None
         if cache is None:
@@ -374,13 +394,12 @@ class ForgettingAttention(nn.Module):
             if pad_mask is not None:
                 key_start = T - pad_mask.sum(axis=1).astype(mx.int32)
         else:
+            conv_cache, kv_cache, cumsum_cache = cache
             if cumsum_cache.offset > 0:
                 cumsum = cumsum + cumsum_cache.keys[:, :, cumsum_cache.offset - 1, 0][..., None]
             # V is stored grouped by KV head: [B, Hkv, T, n_rep * D], not repeated.
             v_grouped = v.reshape(B, Hkv, -1, T, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T, -1)
-            k_all, v_grouped = kv_cache.update_and_fetch(k, v_grouped)
-            v_all = v_grouped.reshape(B, Hkv, -1, H // Hkv, D).transpose(0, 1, 3, 2, 4)
-            v_all = v_all.reshape(B, H, -1, D)
+            k_all, v_all = kv_cache.update_and_fetch(k, v_grouped)
             # KVCache needs values too; a zero-width array would do, but saving one
             # crashes MLX's CUDA backend (0.32.4), so the 4 bytes/head/token repeat.
             cumsum_all, _ = cumsum_cache.update_and_fetch(cumsum[..., None], cumsum[..., None])
@@ -391,14 +410,27 @@ class ForgettingAttention(nn.Module):
                 n_pad = (0 if n_pad is None else n_pad) + (T - pad_mask.sum(axis=1).astype(mx.int32))
                 conv_cache[1] = n_pad
             key_start = n_pad
-            conv_cache[0] = tail
-        out = kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, self.scale, key_start,
-                                 training=self.training)
+        quantized = None
+        if cache is not None and isinstance(cache[1], QuantizedKVCache):
+            quantized = (cache[1].group_size, cache[1].bits)
+        return kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, self.scale, key_start,
+                                  training=self.training, v_grouped=cache is not None,
+                                  quantized=quantized)
+
+    def output(self, out, x):
+        """Attention output [B, H, T, D] -> [B, T, C] (output norm gated by x)."""
+        B, H, T, D = out.shape
         out = out.astype(x.dtype).transpose(0, 2, 1, 3)
         if self.pro:
-            ogate = self.ogate_proj(x).reshape(B, T, H, D)
-            out = self.output_norm(out, ogate)
+            out = self.output_norm(out, self.ogate_proj(x).reshape(B, T, H, D))
         return self.o_proj(out.reshape(B, T, H * D))
+
+    def __call__(self, x, cache=None, pad_mask=None):
+        tail = cache[0][0] if cache is not None else None
+        q, k, v, log_f, tail = self.project(x, tail, pad_mask)
+        if cache is not None:
+            cache[0][0] = tail
+        return self.output(self.attend(q, k, v, log_f, cache, pad_mask), x)
 
 
 class SwiGLU(nn.Module):
@@ -423,10 +455,31 @@ class SwiGLU(nn.Module):
         return magnitude >= threshold
 
     def __call__(self, x):
-        hidden = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = silu(self.gate_proj(x)) * self.up_proj(x)
         if self.selective and not self.training and self.k_ratio < 1.0:
             hidden = mx.where(self.topk_mask(hidden), hidden, 0)
         return self.down_proj(hidden)
+
+
+def compile_with_cache(apply, module: nn.Module, n_state: int):
+    """Compiles ``apply(x, cache)``, which reads and replaces the first ``n_state``
+    entries of an mlx-lm ArraysCache, as a pure function of x and those arrays.
+    ``module``'s parameters are inputs of the compiled function (not constants), so
+    later weight updates are seen."""
+
+    def pure(x, *state):
+        state = list(state)
+        return (apply(x, state), *state)
+
+    pure = mx.compile(pure, inputs=module.state)
+
+    def step(x, cache):
+        y, *state = pure(x, *(cache[i] for i in range(n_state)))
+        for i, array in enumerate(state):
+            cache[i] = array
+        return y
+
+    return step
 
 
 class GenesisBlock(nn.Module):
@@ -443,22 +496,42 @@ class GenesisBlock(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache, pad_mask)
         return x + self.ffn(self.ffn_norm(x))
 
-    def decode_step(self, x, cache):
-        """One GLA decoding step as a compiled graph, which removes the dispatch
-        overhead of ~60 small ops per layer (5-10% of a CPU decode step measured
-        here; fp32 decoding is memory-bound there). The parameters are inputs of the
-        compiled function (not constants), so later weight updates are seen."""
+    def can_compile_step(self, cache) -> bool:
+        """A compiled decoding step needs array inputs: a cache that has seen tokens."""
         if kernels.gpu_backend() == "emulate":  # runs C++ on host arrays: not traceable
-            return self(x, cache)
-        if getattr(self, "_compiled_step", None) is None:
-            def step(x, tail, state, position):
-                layer_cache = [tail, state, position]
-                y = self(x, layer_cache)
-                return y, layer_cache[0], layer_cache[1], layer_cache[2]
+            return False
+        return (cache[0][0] if self.is_fox else cache[0]) is not None
 
-            self._compiled_step = mx.compile(step, inputs=self.state)
-        y, cache[0], cache[1], cache[2] = self._compiled_step(x, cache[0], cache[1], cache[2])
-        return y
+    def decode_step(self, x, cache):
+        """One decoding step with its stateless parts compiled, which removes the
+        dispatch overhead of many small ops (a step is ~3600 graph nodes without;
+        measured here on the CPU: 5-10% of a GLA step; fp32 decoding is memory-bound
+        there). GLA: the whole layer. FoX: all but the K/V cache update and
+        attention, whose shapes grow with every token."""
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = self.compile_fox_step() if self.is_fox else self.compile_gla_step()
+        return self._compiled_step(x, cache)
+
+    def compile_gla_step(self):
+        return compile_with_cache(lambda x, cache: self(x, cache), self, 3)
+
+    def compile_fox_step(self):
+        def before(x, tail):
+            h = self.attn_norm(x)
+            return (h, *self.attn.project(h, tail))
+
+        def after(x, h, attention):
+            x = x + self.attn.output(attention, h)
+            return x + self.ffn(self.ffn_norm(x))
+
+        before = mx.compile(before, inputs=self.state)
+        after = mx.compile(after, inputs=self.state)
+
+        def step(x, cache):
+            h, q, k, v, log_f, cache[0][0] = before(x, cache[0][0])
+            return after(x, h, self.attn.attend(q, k, v, log_f, cache))
+
+        return step
 
 
 class TTTLayer(nn.Module):
@@ -512,7 +585,7 @@ class TTTLayer(nn.Module):
         position_scale = 1.0 / (1.0 + 0.1 * mx.log(mx.maximum(position, 1.0)))
         correction = hf * lr * exclusive * position_scale[..., None]
         out = (y0.astype(mx.float32) - correction).astype(x.dtype)
-        out = out * mx.sigmoid(self.output_gate(x))
+        out = out * sigmoid(self.output_gate(x))
         out = self.out_proj(out) * self.layer_scale.scale
         new_state = (inclusive[:, -1], seen + steps.sum(axis=1))
         return x + out, new_state
@@ -531,7 +604,7 @@ class GenesisMetacognition(nn.Module):
         h = mx.concatenate([self.self_model(x), adapted], axis=-1)
         for layer in self.confidence:
             h = layer(h)
-        return mx.sigmoid(h[..., 0].astype(mx.float32))
+        return sigmoid(h[..., 0].astype(mx.float32))
 
 
 class Model(nn.Module):
@@ -570,11 +643,13 @@ class Model(nn.Module):
         layer_caches = cache[: len(self.blocks)] if cache is not None else [None] * len(self.blocks)
         decode = cache is not None and inputs.shape[1] == 1 and pad_mask is None
         for block, layer_cache in zip(self.blocks, layer_caches):
-            if decode and not block.is_fox and layer_cache[0] is not None and not self.training:
+            if decode and not self.training and block.can_compile_step(layer_cache):
                 x = block.decode_step(x, layer_cache)
             else:
                 x = block(x, layer_cache, pad_mask)
-        if self.ttt_active:
+        if self.ttt_active and decode and cache[-1][0] is not None:
+            x = self.ttt_decode_step(x, cache[-1])
+        elif self.ttt_active:
             x = self.apply_ttt(x, cache[-1] if cache is not None else None, pad_mask)
         x = self.ln_f(x)
         if self.args.use_mup:
@@ -582,6 +657,13 @@ class Model(nn.Module):
         if self.args.tie_word_embeddings:
             return self.tok_emb.as_linear(x)
         return self.lm_head(x)
+
+    def ttt_decode_step(self, x, cache):
+        """apply_ttt for one token, compiled (as the blocks' decoding steps)."""
+        if getattr(self, "_compiled_ttt", None) is None:
+            self._compiled_ttt = compile_with_cache(
+                lambda x, state: self.apply_ttt(x, state, None), self.metacognition, 3)
+        return self._compiled_ttt(x, cache)
 
     def apply_ttt(self, x, cache, pad_mask):
         meta = self.metacognition
@@ -605,11 +687,23 @@ class Model(nn.Module):
         mix = (mean_conf * self.args.ttt_strength)[..., None].astype(x.dtype)
         return mix * adapted + (1.0 - mix) * x
 
-    def make_cache(self) -> List[Any]:
+    def make_cache(self, kv_bits: Optional[int] = None,
+                   kv_group_size: Optional[int] = None) -> List[Any]:
+        """Decoding state. ``kv_bits`` (4 or 8) stores the FoX layers' K and V
+        quantized (mlx-lm's QuantizedKVCache; groups of 64, or 32 for smaller heads):
+        3.6x less memory at 8 bits than float32, at a small logit error; the default
+        keeps them exact."""
+        if kv_bits is not None:
+            if kv_group_size is None:
+                kv_group_size = 64 if self.args.head_dim % 64 == 0 else 32
+            check_kv_quantization(self.args, kv_bits, kv_group_size)
         caches = []
         for block in self.blocks:
             if block.is_fox:
-                caches.append(CacheList(ArraysCache(2), KVCache(), KVCache()))
+                kv = KVCache() if kv_bits is None else QuantizedKVCache(kv_group_size, kv_bits)
+                cumsum = KVCache()
+                kv.step = cumsum.step = FOX_CACHE_STEP
+                caches.append(CacheList(ArraysCache(2), kv, cumsum))
             else:
                 caches.append(ArraysCache(3))
         if self.args.use_ttt:

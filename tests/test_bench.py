@@ -1,0 +1,36 @@
+"""`genesis-mlx bench` end to end on a small checkpoint the reference wrote: every
+implementation measured in its own process, the table, the ratios, the JSON."""
+
+import json
+import subprocess
+import sys
+
+from genesis_mlx.benchmark import bench
+
+SMALL = dict(n_embd=64, n_head=2, n_kv_head=1)  # head size 32: the 8-bit cache applies
+
+
+def test_bench_measures_every_impl_and_writes_json(reference_checkpoint, tmp_path, capsys):
+    _, checkpoint = reference_checkpoint(**SMALL)
+    out = tmp_path / "bench.json"
+    report = bench(str(checkpoint), [16, 40], gen=3, reps=1,
+                   compare=["genesis-mlx-kv8", "reference"], json_out=str(out))
+    assert json.loads(out.read_text())["results"].keys() == report["results"].keys()
+    for impl in ("genesis-mlx", "genesis-mlx-kv8", "reference"):
+        for L in ("16", "40"):
+            r = json.loads(out.read_text())["results"][impl][L]
+            assert "error" not in r, (impl, L, r)
+            assert r["prefill"]["min"] > 0 and r["decode"]["median"] >= r["decode"]["min"] > 0
+            assert r["rss_peak_mb"] > 0 and r["attention_cache_mb"] > 0
+    results = report["results"]
+    assert results["genesis-mlx-kv8"][40]["attention_cache_mb"] < results["genesis-mlx"][40]["attention_cache_mb"]
+    assert len(results["reference"][40]["prefill_forward_tps"]) == 1
+    printed = capsys.readouterr().out
+    assert "| genesis-mlx | 40 |" in printed and "genesis-mlx vs reference at 40: decode x" in printed
+
+
+def test_bench_rejects_unknown_comparison():
+    result = subprocess.run([sys.executable, "-m", "genesis_mlx", "bench", "--compare", "vllm"],
+                            capture_output=True, timeout=300)
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and "--compare" in err, err
