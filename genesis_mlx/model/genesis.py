@@ -504,9 +504,9 @@ class GenesisBlock(nn.Module):
 
     def decode_step(self, x, cache):
         """One decoding step with its stateless parts compiled, which removes the
-        dispatch overhead of many small ops (a step is ~3600 graph nodes without;
-        measured here on the CPU: 5-10% of a GLA step; fp32 decoding is memory-bound
-        there). GLA: the whole layer. FoX: all but the K/V cache update and
+        dispatch overhead of many small ops (a step was ~3600 graph nodes with only
+        the GLA layers compiled; on the CPU each costs 3-13 us, and fp32 decoding is
+        memory-bound there). GLA: the whole layer. FoX: all but the K/V cache update and
         attention, whose shapes grow with every token."""
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = self.compile_fox_step() if self.is_fox else self.compile_gla_step()
