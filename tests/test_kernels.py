@@ -11,7 +11,8 @@ from genesis_mlx.kernels import fox_attention_kernel, gla_decode, gla_recurrent,
 from genesis_mlx.kernels.gla_recurrent import gla_recurrent_emulated
 from genesis_mlx.kernels.cpu import deal_out, fox_attention_parallel
 from genesis_mlx.kernels.naive import (fox_attention, fox_attention_grouped, gla_chunked,
-                                       gla_chunked_parallel, gla_step)
+                                       gla_chunked_parallel, gla_step, group_values,
+                                       ungroup_values)
 
 SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
 LENGTHS = [1, 5, 64, 65, 130]
@@ -174,17 +175,6 @@ def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, mon
     assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
 
 
-def grouped(v, Hkv):
-    """[B, H, T, D] -> the cache's layout [B, Hkv, T, n_rep * D]."""
-    B, H, T, D = v.shape
-    return v.reshape(B, Hkv, H // Hkv, T, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T, -1)
-
-
-def ungrouped(v_grouped, H):
-    B, Hkv, T, _ = v_grouped.shape
-    return v_grouped.reshape(B, Hkv, T, H // Hkv, -1).transpose(0, 1, 3, 2, 4).reshape(B, H, T, -1)
-
-
 # (B, H, Hkv, Tq, Tk, D, key_start): decode, a chat turn after cached keys, a left-padded
 # batch, MHA.
 GROUPED_CASES = [(1, 9, 3, 1, 50, 64, None), (2, 6, 2, 7, 40, 32, [3, 0]),
@@ -197,7 +187,7 @@ def test_grouped_fox_equals_ops(case):
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    got = fox_attention_grouped(q, k, grouped(v, Hkv), cq, ck, scale, key_start)
+    got = fox_attention_grouped(q, k, group_values(v, Hkv), cq, ck, scale, key_start)
     assert rel(want, got) <= 1e-6
 
 
@@ -207,9 +197,9 @@ def test_quantized_grouped_fox_equals_ops_on_dequantized_cache(bits):
     B, H, Hkv, Tq, Tk, D = 2, 6, 2, 3, 70, 32
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     k_q = mx.quantize(k, group_size=32, bits=bits)
-    v_q = mx.quantize(grouped(v, Hkv), group_size=32, bits=bits)
+    v_q = mx.quantize(group_values(v, Hkv), group_size=32, bits=bits)
     k_stored = mx.dequantize(*k_q, group_size=32, bits=bits)
-    v_stored = ungrouped(mx.dequantize(*v_q, group_size=32, bits=bits), H)
+    v_stored = ungroup_values(mx.dequantize(*v_q, group_size=32, bits=bits), H)
     want = fox_attention(q, k_stored, v_stored, cq, ck, scale)
     got = fox_attention_grouped(q, k_q, v_q, cq, ck, scale, quantized=(32, bits))
     assert rel(want, got) <= 1e-5

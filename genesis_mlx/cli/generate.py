@@ -7,6 +7,7 @@ from ..generation.generate import (
     print_stats, stream_generate,
 )
 from ..loading import load
+from ..model.genesis import check_kv_bits
 
 
 def add_model_arguments(p):
@@ -44,8 +45,7 @@ def add_arguments(p):
 
 def sampling_from(args) -> SamplingOptions:
     """The sampling options, checked (with the cache options) before loading."""
-    if args.kv_bits not in (None, 4, 8):
-        raise GenesisError(f"--kv-bits {args.kv_bits}: use 4 or 8 (or leave it out: exact)")
+    check_kv_bits(args.kv_bits)
     options = SamplingOptions(args.temp, args.top_p, args.top_k, args.min_p,
                               args.repetition_penalty, args.seed)
     options.validate()

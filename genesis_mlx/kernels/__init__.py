@@ -10,7 +10,7 @@ from .fox_attention import fox_attention_kernel
 from .gla_recurrent import gla_recurrent
 from .shared import gpu_backend
 from .naive import (causal_decay, fox_attention, fox_attention_grouped, gla_chunk, gla_chunked,
-                    gla_chunked_parallel, gla_step)
+                    gla_chunked_parallel, gla_step, group_values, ungroup_values)
 
 # Up to this many new tokens, the recurrent kernel (sequential in time, parallel over
 # batch * heads * value columns) beats the chunked form.
@@ -69,9 +69,7 @@ def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=Fals
         group_size, bits = quantized
         k, v = (mx.dequantize(*a, group_size=group_size, bits=bits) for a in (k, v))
     if v_grouped:
-        B, H, _, D = q.shape
-        Hkv = k.shape[1]
-        v = v.reshape(B, Hkv, -1, H // Hkv, D).transpose(0, 1, 3, 2, 4).reshape(B, H, -1, D)
+        v = ungroup_values(v, q.shape[1])
     if use_kernel:
         return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     if use_cpu_streams(Tq, training):
@@ -79,5 +77,5 @@ def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=Fals
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
-__all__ = ["fox_attend", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
+__all__ = ["group_values", "ungroup_values", "fox_attend", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
            "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]

@@ -145,6 +145,21 @@ def fox_attention(
     return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
 
 
+def group_values(v: mx.array, n_kv_heads: int) -> mx.array:
+    """[B, H, T, D] -> the FoX cache's layout [B, Hkv, T, n_rep * D]: query head
+    h = g * n_rep + r goes to columns r * D:(r + 1) * D of KV group g."""
+    B, H, T, D = v.shape
+    v = v.reshape(B, n_kv_heads, H // n_kv_heads, T, D).transpose(0, 1, 3, 2, 4)
+    return v.reshape(B, n_kv_heads, T, -1)
+
+
+def ungroup_values(v_grouped: mx.array, n_heads: int) -> mx.array:
+    """The inverse of ``group_values``."""
+    B, Hkv, T, _ = v_grouped.shape
+    v = v_grouped.reshape(B, Hkv, T, n_heads // Hkv, -1).transpose(0, 1, 3, 2, 4)
+    return v.reshape(B, n_heads, T, -1)
+
+
 def fox_attention_grouped(
     q: mx.array,
     k,
@@ -157,8 +172,7 @@ def fox_attention_grouped(
 ) -> mx.array:
     """``fox_attention`` for a few queries against a cache, without copying it.
 
-    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (query head
-    h = g * n_rep + r reads columns r * D:(r + 1) * D of KV group g). Queries of one
+    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (``group_values``). Queries of one
     group share one product with K and one with V; the V product also forms the
     cross terms r != h (n_rep times the work of a per-head product), which costs
     less than materializing V per head for a handful of queries.

@@ -9,7 +9,7 @@ from . import gpu_backend
 from .fox_attention import fox_attention_kernel
 from .gla_recurrent import gla_recurrent
 from .naive import (fox_attention, fox_attention_grouped, gla_chunked, gla_chunked_parallel,
-                    gla_step)
+                    gla_step, group_values)
 
 
 def median_ms(fn, reps=20, warmup=3):
@@ -82,8 +82,7 @@ def fox_rows(backend):
             q1, c1 = q[:, :, -1:], c[..., -1:]
             rows.append(("FoX decode at 2048, per layer", "ops",
                          median_ms(lambda: fox_attention(q1, k, v, c1, c, scale))))
-            v_grouped = mx.contiguous(
-                v.reshape(1, 3, 3, T, 64).transpose(0, 1, 3, 2, 4).reshape(1, 3, T, 192))
+            v_grouped = mx.contiguous(group_values(v, 3))
             rows.append(("FoX decode at 2048, per layer", "ops, grouped cache (the model's)",
                          median_ms(lambda: fox_attention_grouped(q1, k, v_grouped, c1, c, scale))))
             if backend:

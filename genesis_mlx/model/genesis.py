@@ -130,9 +130,13 @@ def unsupported_config_reason(args: ModelArgs) -> Optional[str]:
 FOX_CACHE_STEP = 64
 
 
+def check_kv_bits(bits: Optional[int]):
+    if bits not in (None, 4, 8):
+        raise GenesisError(f"--kv-bits {bits}: use 4 or 8 (or leave it out: exact)")
+
+
 def check_kv_quantization(args: ModelArgs, bits: int, group_size: int):
-    if bits not in (4, 8):
-        raise GenesisError(f"--kv-bits {bits}: use 4 or 8")
+    check_kv_bits(bits)
     if group_size not in (32, 64, 128) or args.head_dim % group_size:
         raise GenesisError(f"kv_group_size {group_size}: must be 32, 64 or 128 and divide "
                            f"the head size ({args.head_dim})")
@@ -386,7 +390,6 @@ class ForgettingAttention(nn.Module):
     def attend(self, q, k, v, log_f, cache=None, pad_mask=None):
         """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
         B, H, T, D = q.shape
-        Hkv = k.shape[1]
         cumsum = mx.cumsum(log_f, axis=-1)
         key_start = None
         if cache is None:
@@ -398,8 +401,7 @@ class ForgettingAttention(nn.Module):
             if cumsum_cache.offset > 0:
                 cumsum = cumsum + cumsum_cache.keys[:, :, cumsum_cache.offset - 1, 0][..., None]
             # V is stored grouped by KV head: [B, Hkv, T, n_rep * D], not repeated.
-            v_grouped = v.reshape(B, Hkv, -1, T, D).transpose(0, 1, 3, 2, 4).reshape(B, Hkv, T, -1)
-            k_all, v_all = kv_cache.update_and_fetch(k, v_grouped)
+            k_all, v_all = kv_cache.update_and_fetch(k, kernels.group_values(v, k.shape[1]))
             # KVCache needs values too; a zero-width array would do, but saving one
             # crashes MLX's CUDA backend (0.32.4), so the 4 bytes/head/token repeat.
             cumsum_all, _ = cumsum_cache.update_and_fetch(cumsum[..., None], cumsum[..., None])
