@@ -1,23 +1,65 @@
 """The OpenBLAS preload: automatic when a system OpenBLAS exists, off on request,
-and numerically equivalent to the reference BLAS path."""
+and numerically equivalent to the reference BLAS path; the GEMV forwarding in front
+of it computes every sgemm call it takes over as sgemm does."""
 
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from genesis_mlx.blas import find_openblas
+from genesis_mlx.blas import build_gemv_forward, find_openblas
+
+# Every operand layout of a row-major sgemm with M = 1 (which the forwarding turns
+# into GEMV), and M = 2 / N = 1 (which it passes on), through the process's global
+# cblas_sgemm: the forwarding's when it is preloaded.
+SGEMM_CASES = """
+import ctypes, numpy as np
+from genesis_mlx.blas import gemv_forwarding
+assert gemv_forwarding()
+sgemm = ctypes.CDLL(None).cblas_sgemm
+f, i, P = ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+sgemm.argtypes = [i] * 6 + [f, P, i, P, i, f, P, i]
+rng = np.random.default_rng(0)
+worst = 0.0
+for m, n, k in [(1, 37, 19), (1, 1440, 576), (2, 37, 19), (3, 1, 5), (1, 1, 9)]:
+    for trans_a in (111, 112):
+        for trans_b in (111, 112):
+            for alpha, beta in [(1.0, 0.0), (0.5, 2.0)]:
+                pad = 3  # leading dimensions larger than the rows
+                a = rng.standard_normal((m, k) if trans_a == 111 else (k, m))
+                b = rng.standard_normal((k, n) if trans_b == 111 else (n, k))
+                a_buf = np.zeros((a.shape[0], a.shape[1] + pad), np.float32)
+                b_buf = np.zeros((b.shape[0], b.shape[1] + pad), np.float32)
+                a_buf[:, : a.shape[1]], b_buf[:, : b.shape[1]] = a, b
+                c0 = rng.standard_normal((m, n)).astype(np.float32)
+                c_buf = np.zeros((m, n + pad), np.float32)
+                c_buf[:, :n] = c0
+                sgemm(101, trans_a, trans_b, m, n, k, alpha, a_buf.ctypes.data, a_buf.shape[1],
+                      b_buf.ctypes.data, b_buf.shape[1], beta, c_buf.ctypes.data, c_buf.shape[1])
+                op_a = a if trans_a == 111 else a.T
+                op_b = b if trans_b == 111 else b.T
+                want = alpha * op_a @ op_b + beta * c0.astype(np.float64)
+                err = np.abs(c_buf[:, :n] - want).max() / max(1.0, np.abs(want).max())
+                assert err < 1e-5, (m, n, k, trans_a, trans_b, alpha, beta, err)
+                assert not c_buf[:, n:].any(), "wrote past the row"
+                worst = max(worst, err)
+print("ok", worst)
+"""
 
 LOGITS = """
 import sys, numpy as np, mlx.core as mx
 sys.path.insert(0, {tests!r})
 from test_parity import mlx_model
-from genesis_mlx.blas import loaded_blas
+from genesis_mlx.blas import loaded_blas, gemv_forwarding
 model = mlx_model({path!r})
 ids = np.random.RandomState(0).randint(0, 512, (1, 80))
-np.save({out!r}, np.array(model(mx.array(ids))))
-print(loaded_blas())
+# The whole prompt (matrix products) and one decoding step (vector products).
+cache = model.make_cache()
+logits = [model(mx.array(ids[:, :-1]), cache=cache), model(mx.array(ids[:, -1:]), cache=cache)]
+np.save({out!r}, np.array(mx.concatenate(logits, axis=1)))
+print(loaded_blas() + ("+gemv" if gemv_forwarding() else ""))
 """
 
 
@@ -28,21 +70,47 @@ def info(**env):
     return result.stdout
 
 
+def blas_line(**env):
+    return [l for l in info(**env).splitlines() if l.startswith("blas:")][0]
+
+
 def test_cli_preloads_openblas_when_present():
-    line = [l for l in info().splitlines() if l.startswith("blas:")][0]
-    if find_openblas():
+    line = blas_line()
+    if gemv_preload():
+        assert line.startswith("blas: openblas + gemv forwarding")
+        assert blas_line(GENESIS_MLX_GEMV="off").startswith("blas: openblas (")
+    elif find_openblas():
         assert line.startswith("blas: openblas")
     else:  # nothing to preload: the CLI says what to install
         assert "apt install libopenblas0-pthread" in line
-    assert info(GENESIS_MLX_BLAS="off").splitlines()[-1].startswith("blas: reference")
+    assert blas_line(GENESIS_MLX_BLAS="off").startswith("blas: reference")
+
+
+def gemv_preload():
+    """LD_PRELOAD for OpenBLAS with the forwarding in front, or None where this
+    machine has no OpenBLAS or no C compiler."""
+    library = find_openblas()
+    forward = build_gemv_forward() if library else None
+    return f"{forward}:{library}" if forward else None
+
+
+def test_gemv_forwarding_computes_what_sgemm_computes():
+    preload = gemv_preload()
+    if preload is None:
+        pytest.skip("needs a system OpenBLAS and a C compiler")
+    result = subprocess.run([sys.executable, "-c", SGEMM_CASES], capture_output=True,
+                            text=True, env=dict(os.environ, LD_PRELOAD=preload), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok")
 
 
 def test_openblas_gives_the_same_logits(reference_checkpoint, tmp_path):
     library = find_openblas()
     _, path = reference_checkpoint()
     outputs = {}
-    for name, preload in [("reference", None), ("openblas", library)]:
-        if name == "openblas" and library is None:
+    configs = [("reference", None), ("openblas", library), ("openblas+gemv", gemv_preload())]
+    for name, preload in configs:
+        if name != "reference" and preload is None:
             continue
         env = dict(os.environ)
         env.pop("LD_PRELOAD", None)
@@ -55,6 +123,6 @@ def test_openblas_gives_the_same_logits(reference_checkpoint, tmp_path):
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == name
         outputs[name] = np.load(out)
-    if len(outputs) == 2:
-        a, b = outputs["reference"], outputs["openblas"]
-        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+    a = outputs["reference"]
+    for name, b in outputs.items():
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max()), name

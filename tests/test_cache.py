@@ -108,6 +108,28 @@ def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
             assert np.abs(batch_steps[j][i] - step[0]).max() <= tol, (i, j)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
+    """The CPU's one-token GLA step (grouped heads, RoPE as products) against the
+    layer's general path, from a state 300 tokens in: output and every cache entry."""
+    _, path = reference_checkpoint(**CONFIGS[name])
+    model = mlx_model(path)
+    block = next(b for b in model.blocks if not b.is_fox)
+    cache = model.make_cache()
+    model(mx.array(tokens(300)), cache=cache)
+    x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
+    general, lean = ([cache[0][i] for i in range(3)] for _ in range(2))
+    want = np.array(block.attn(x, general))
+    got = np.array(block.attn.decode_token(x, lean))
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    for a, b in zip(general, lean):
+        if a is None:
+            assert b is None
+            continue
+        a, b = np.array(a), np.array(b)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
 def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 

@@ -9,9 +9,12 @@ def run(args):
     import mlx.core as mx
 
     from .. import __version__
-    from ..blas import advice, loaded_blas
+    from ..blas import advice, describe, preload_libraries
 
     print(f"genesis-mlx {__version__}, mlx {mx.__version__}")
     print(f"machine: {platform.system()} {platform.machine()}, python {platform.python_version()}")
     print(f"device: {mx.default_device()}")
-    print(f"blas: {loaded_blas()} ({advice()})")
+    print(f"blas: {describe()} ({advice()})")
+    libraries = preload_libraries() if platform.system() == "Linux" else []
+    if libraries:  # for the user's own Python processes
+        print(f"preload: LD_PRELOAD={':'.join(libraries)}")
