@@ -234,3 +234,32 @@ def test_fast_math_equals_mlx():
     scores = mx.where(mx.random.uniform(shape=(4, 50)) < 0.5, scores, -mx.inf)
     scores[:, 0] = 1.0  # every row keeps one finite entry
     assert rel(mx.softmax(scores, axis=-1), fastmath.softmax(scores)) <= 1e-6
+
+
+# Every thread attribute mx.fast.metal_kernel knows (it declares one in the kernel's
+# signature only when the name occurs in the source it is given, not in the header).
+MLX_METAL_ATTRIBUTES = (
+    "dispatch_quadgroups_per_threadgroup", "dispatch_simdgroups_per_threadgroup",
+    "dispatch_threads_per_threadgroup", "grid_origin", "grid_size",
+    "quadgroup_index_in_threadgroup", "quadgroups_per_threadgroup",
+    "simdgroup_index_in_threadgroup", "simdgroups_per_threadgroup", "thread_execution_width",
+    "thread_index_in_quadgroup", "thread_index_in_simdgroup", "thread_index_in_threadgroup",
+    "thread_position_in_grid", "thread_position_in_threadgroup", "threadgroup_position_in_grid",
+    "threadgroups_per_grid", "threads_per_grid", "threads_per_simdgroup", "threads_per_threadgroup",
+)
+
+
+@pytest.mark.parametrize("kernel", ["fox_attention", "gla_recurrent"])
+def test_metal_source_names_the_attributes_its_prelude_uses(kernel):
+    """No Mac here: this checks the one rule the Metal path needs beyond what the CUDA
+    and CPU runs of the same body already check."""
+    import importlib
+
+    from genesis_mlx.kernels.shared import PRELUDES
+
+    shared = importlib.import_module(f"genesis_mlx.kernels.{kernel}").KERNEL
+    used = [a for a in MLX_METAL_ATTRIBUTES if a in PRELUDES["metal"]]
+    assert used, "the Metal prelude maps GLOBAL_THREAD_ID to some attribute"
+    source = shared.gpu_source("metal")
+    assert all(a in source for a in used), [a for a in used if a not in source]
+    assert shared.gpu_source("cuda") == shared.body()

@@ -30,6 +30,12 @@ PRELUDES = {
 }
 
 
+# Thread attributes the Metal prelude's macros expand to. mx.fast.metal_kernel adds an
+# attribute to the kernel's signature only when its name occurs in the source (the
+# header is not searched), so the Metal source names them in a comment.
+METAL_ATTRIBUTES = ("thread_position_in_grid",)
+
+
 def gpu_backend() -> Optional[str]:
     """"metal", "cuda", None (ops path), or "emulate" (the kernel bodies on the CPU,
     for tests: ``GENESIS_MLX_KERNELS=emulate``). ``off`` forces the ops path."""
@@ -55,11 +61,17 @@ class SharedKernel:
     def body(self) -> str:
         return (SOURCE_DIR / self.source).read_text()
 
+    def gpu_source(self, backend: str) -> str:
+        if backend == "metal":
+            return f"// thread attributes: {' '.join(METAL_ATTRIBUTES)}\n{self.body()}"
+        return self.body()
+
     @functools.lru_cache(maxsize=None)
     def compiled(self, backend: str):
         factory = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
         return factory(name=self.name, input_names=[n for n, _ in self.inputs],
-                       output_names=self.outputs, source=self.body(), header=PRELUDES[backend])
+                       output_names=self.outputs, source=self.gpu_source(backend),
+                       header=PRELUDES[backend])
 
     def __call__(self, backend: str, inputs: List[mx.array], template: Dict[str, int],
                  n_threads: int, output_shapes: List[tuple]) -> List[mx.array]:
