@@ -29,6 +29,21 @@ def test_bench_measures_every_impl_and_writes_json(reference_checkpoint, tmp_pat
     assert "| genesis-mlx | 40 |" in printed and "genesis-mlx vs reference at 40: decode x" in printed
 
 
+def test_reference_timing_runs_the_loop_of_its_generate(reference_checkpoint):
+    """The reference's decode is timed on its own cached steps: the tokens they give
+    are its generate()'s greedy tokens."""
+    import torch
+
+    from genesis_mlx.benchmark import prompt_ids, time_reference_generate
+
+    model, _ = reference_checkpoint(**SMALL)
+    ids = torch.tensor(prompt_ids(30, 512))
+    with torch.no_grad():
+        t_prefill, t_decode, tokens = time_reference_generate(model, ids, 8)
+        want = model.generate(ids, max_new_tokens=9, top_k=1)[0, 30:].tolist()
+    assert tokens == want and t_prefill > 0 and t_decode > 0
+
+
 def test_bench_rejects_unknown_comparison():
     result = subprocess.run([sys.executable, "-m", "genesis_mlx", "bench", "--compare", "vllm"],
                             capture_output=True, timeout=300)

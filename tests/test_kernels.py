@@ -140,6 +140,40 @@ def test_fox_kernel_key_splits_merge_to_ops(shape, split):
         assert rel(want, run(q, k, v, cq, ck, scale, key_start, split=split)) <= 1e-5, name
 
 
+def tiled_runs():
+    from genesis_mlx.kernels.fox_attention import fox_attention_tiled
+
+    backends = ["emulate"] + [b for b in [gpu_backend()] if b in ("metal", "cuda")]
+    return [(b, lambda *a, b=b: fox_attention_tiled(*a, backend=b)) for b in backends]
+
+
+# (B, H, Hkv, Tq, Tk, D): rows not a multiple of the 32-row tile, keys not a multiple
+# of the 32-key tile, one row, GQA 3:1, MHA, new queries after cached keys.
+TILED_SHAPES = [(1, 3, 1, 1, 1, 64), (2, 9, 3, 37, 37, 64), (1, 4, 4, 130, 130, 16),
+                (1, 6, 2, 45, 301, 32)]
+
+
+@pytest.mark.parametrize("shape", TILED_SHAPES)
+def test_tiled_fox_kernel_equals_ops(shape):
+    """The threadgroup-memory kernel, its threads emulated as real threads that meet
+    at barriers: == ops, with left padding (a padded row sees only itself)."""
+    B, H, Hkv, Tq, Tk, D = shape
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    for key_start in [None, mx.array([min(33, Tk - 1)] * B, mx.int32)]:
+        want = fox_attention(q, k, v, cq, ck, scale, key_start)
+        for name, run in tiled_runs():
+            assert rel(want, run(q, k, v, cq, ck, scale, key_start)) <= 1e-5, name
+
+
+def test_tiled_fox_kernel_reduced_precision():
+    q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
+    key_start = mx.array([0, 7, 39], mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    for name, run in tiled_runs():
+        got = run(q, k, v, cq, ck, scale, key_start)
+        assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
+
+
 def test_fox_kernel_split_size_fills_the_gpu():
     from genesis_mlx.kernels.fox_attention import split_size
 
@@ -249,7 +283,8 @@ MLX_METAL_ATTRIBUTES = (
 )
 
 
-@pytest.mark.parametrize("kernel", ["fox_attention", "gla_recurrent"])
+@pytest.mark.parametrize("kernel", ["fox_attention.KERNEL", "fox_attention.TILED_KERNEL",
+                                    "gla_recurrent.KERNEL"])
 def test_metal_source_names_the_attributes_its_prelude_uses(kernel):
     """No Mac here: this checks the one rule the Metal path needs beyond what the CUDA
     and CPU runs of the same body already check."""
@@ -257,7 +292,8 @@ def test_metal_source_names_the_attributes_its_prelude_uses(kernel):
 
     from genesis_mlx.kernels.shared import PRELUDES
 
-    shared = importlib.import_module(f"genesis_mlx.kernels.{kernel}").KERNEL
+    module, name = kernel.split(".")
+    shared = getattr(importlib.import_module(f"genesis_mlx.kernels.{module}"), name)
     used = [a for a in MLX_METAL_ATTRIBUTES if a in PRELUDES["metal"]]
     assert used, "the Metal prelude maps GLOBAL_THREAD_ID to some attribute"
     source = shared.gpu_source("metal")

@@ -1,9 +1,11 @@
-"""The FoX attention kernel (prefill and decode): ``metal/fox_attention.inc``.
+"""The FoX attention kernels: ``metal/fox_attention.inc`` (rows x key splits, for
+prefill and decode) and ``metal/fox_attention_tiled.inc`` (flash-attention tiles in
+threadgroup memory, for long prefills).
 
-It computes what ``naive.fox_attention`` computes, without the bias matrix and
-without repeating K for GQA. Keys are cut into splits, each its own thread, whose
-partial softmaxes are merged here (flash-decoding), so a single query row still
-spreads over many threads. No VJP: inference only."""
+Both compute what ``naive.fox_attention`` computes, without the bias matrix and
+without repeating K for GQA. The row kernel cuts keys into splits, each its own
+thread, whose partial softmaxes are merged here (flash-decoding), so a single query
+row still spreads over many threads. No VJP: inference only."""
 
 from typing import Optional
 
@@ -17,6 +19,16 @@ KERNEL = SharedKernel(
     inputs=[("q", "float"), ("k", "float"), ("v", "float"), ("cq", "float"), ("ck", "float"),
             ("key_start", "int"), ("scale", "float")],
     outputs=["acc", "m", "l"], shapes_of=["cq", "ck"], templates=["D", "H", "N_REP", "SPLIT"])
+
+TILED_KERNEL = SharedKernel(
+    "genesis_fox_attention_tiled", "fox_attention_tiled.inc",
+    inputs=KERNEL.inputs, outputs=KERNEL.outputs, shapes_of=KERNEL.shapes_of,
+    templates=["D", "H", "N_REP", "BQ", "BK"], barriers=True)
+
+# Query rows per threadgroup and keys per tile: K and V tiles of 32 x D floats (16 KB
+# at D = 64) fit the 32 KB of threadgroup memory Metal guarantees.
+TILE_QUERIES = 32
+TILE_KEYS = 32
 
 # Enough threads to fill a GPU: rows x splits >= this many, splits of >= MIN_SPLIT keys.
 TARGET_THREADS = 4096
@@ -38,6 +50,32 @@ def merge_splits(acc, m, l):
     return (acc * weight[..., None]).sum(axis=-2) / (l * weight).sum(axis=-1)[..., None]
 
 
+def kernel_inputs(q, k, v, cumsum_q, cumsum_k, scale, key_start):
+    B, H, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if key_start is None:
+        key_start = mx.zeros((B,), mx.int32)
+    return [q.reshape(B * H, Tq, D), k.reshape(B * Hkv, Tk, D), v.reshape(B * H, Tk, D),
+            cumsum_q.astype(mx.float32).reshape(B * H, Tq),
+            cumsum_k.astype(mx.float32).reshape(B * H, Tk),
+            key_start.astype(mx.int32), mx.array([scale], mx.float32)]
+
+
+def fox_attention_tiled(q, k, v, cumsum_q, cumsum_k, scale: float,
+                        key_start: Optional[mx.array] = None,
+                        backend: Optional[str] = None) -> mx.array:
+    """Same contract as ``naive.fox_attention``, in tiles (one key split per row)."""
+    backend = backend or gpu_backend()
+    B, H, Tq, D = q.shape
+    n_groups = B * H * -(-Tq // TILE_QUERIES)
+    template = {"D": D, "H": H, "N_REP": H // k.shape[1], "BQ": TILE_QUERIES, "BK": TILE_KEYS}
+    acc, m, l = TILED_KERNEL(
+        backend, kernel_inputs(q, k, v, cumsum_q, cumsum_k, scale, key_start), template,
+        n_groups * TILE_QUERIES, [(B * H, Tq, 1, D), (B * H, Tq, 1), (B * H, Tq, 1)],
+        threadgroup=TILE_QUERIES)
+    return merge_splits(acc, m, l).reshape(B, H, Tq, D)
+
+
 def fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale: float,
                          key_start: Optional[mx.array] = None,
                          backend: Optional[str] = None, split: Optional[int] = None) -> mx.array:
@@ -48,12 +86,7 @@ def fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale: float,
     Hkv, Tk = k.shape[1], k.shape[2]
     split = split or split_size(B * H * Tq, Tk)
     n_split = -(-Tk // split)
-    if key_start is None:
-        key_start = mx.zeros((B,), mx.int32)
-    inputs = [q.reshape(B * H, Tq, D), k.reshape(B * Hkv, Tk, D), v.reshape(B * H, Tk, D),
-              cumsum_q.astype(mx.float32).reshape(B * H, Tq),
-              cumsum_k.astype(mx.float32).reshape(B * H, Tk),
-              key_start.astype(mx.int32), mx.array([scale], mx.float32)]
+    inputs = kernel_inputs(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     template = {"D": D, "H": H, "N_REP": H // Hkv, "SPLIT": split}
     acc, m, l = KERNEL(backend, inputs, template, B * H * Tq * n_split,
                        [(B * H, Tq, n_split, D), (B * H, Tq, n_split), (B * H, Tq, n_split)])

@@ -6,7 +6,7 @@ import time
 import mlx.core as mx
 
 from . import gpu_backend
-from .fox_attention import fox_attention_kernel
+from .fox_attention import fox_attention_kernel, fox_attention_tiled
 from .gla_recurrent import gla_recurrent
 from .naive import (fox_attention, fox_attention_grouped, gla_chunked, gla_chunked_parallel,
                     gla_step, group_values)
@@ -75,7 +75,10 @@ def fox_rows(backend):
         rows.append((f"FoX prefill {T}, peak extra memory (MB)", "ops, 512-row blocks", peak_mb(blocked)))
         if backend:
             kernel = lambda: fox_attention_kernel(q, k, v, c, c, scale)
+            tiled = lambda: fox_attention_tiled(q, k, v, c, c, scale)
             rows.append((f"FoX prefill {T}, peak extra memory (MB)", backend, peak_mb(kernel)))
+            rows.append((f"FoX prefill {T}, peak extra memory (MB)", f"{backend} tiled",
+                         peak_mb(tiled)))
         if T == 2048:
             rows.append(("FoX prefill 2048, per layer", "ops, 512-row blocks",
                          median_ms(blocked, reps=5)))
@@ -87,6 +90,8 @@ def fox_rows(backend):
                          median_ms(lambda: fox_attention_grouped(q1, k, v_grouped, c1, c, scale))))
             if backend:
                 rows.append(("FoX prefill 2048, per layer", backend, median_ms(kernel, reps=5)))
+                rows.append(("FoX prefill 2048, per layer", f"{backend} tiled",
+                             median_ms(tiled, reps=5)))
                 rows.append(("FoX decode at 2048, per layer", backend,
                              median_ms(lambda: fox_attention_kernel(q1, k, v, c1, c, scale))))
     return rows
