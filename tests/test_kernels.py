@@ -165,15 +165,6 @@ def test_tiled_fox_kernel_equals_ops(shape):
             assert rel(want, run(q, k, v, cq, ck, scale, key_start)) <= 1e-5, name
 
 
-def test_tiled_fox_kernel_reduced_precision():
-    q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
-    key_start = mx.array([0, 7, 39], mx.int32)
-    want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    for name, run in tiled_runs():
-        got = run(q, k, v, cq, ck, scale, key_start)
-        assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
-
-
 def test_fox_kernel_split_size_fills_the_gpu():
     from genesis_mlx.kernels.fox_attention import split_size
 
@@ -182,11 +173,12 @@ def test_fox_kernel_split_size_fills_the_gpu():
     assert split_size(9, 100_000) == 256        # powers of two, >= 64 keys
 
 
-def test_fox_kernel_left_padding_and_reduced_precision():
+@pytest.mark.parametrize("kernel", ["rows", "tiled"])
+def test_fox_kernel_left_padding_and_reduced_precision(kernel):
     q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
     key_start = mx.array([0, 7, 39], mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    for name, run in fox_runs():
+    for name, run in (fox_runs() if kernel == "rows" else tiled_runs()):
         got = run(q, k, v, cq, ck, scale, key_start)
         assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
 
