@@ -203,6 +203,35 @@ def test_bad_inputs_give_one_line_errors(reference_checkpoint, tokenizer_path, t
     result = cli("convert", "--hf-path", "nobody/no-such-genesis", "--mlx-path",
                  str(tmp_path / "hub"), env=offline)
     one_line_error(result, "Hugging Face Hub", "local .safetensors")
+    offline["HF_HOME"] = str(tmp_path / "empty-hf-cache")
+    result = cli("convert", "--hf-path", str(good), "--mlx-path", str(tmp_path / "notok"),
+                 env=offline)
+    one_line_error(result, "EleutherAI/pythia-70m", "--tokenizer PATH")
+    assert not (tmp_path / "notok").exists()
+
+
+def test_default_tokenizer_comes_from_the_hub_snapshot(tokenizer_path, tmp_path, monkeypatch):
+    """Without --tokenizer, pythia-70m's tokenizer files are fetched (here: a fake
+    snapshot holding the same tokenizer.json) and loaded as a local file is."""
+    import shutil
+
+    import huggingface_hub
+
+    from genesis_mlx.conversion.tokenizer import build_tokenizer
+
+    asked = {}
+
+    def snapshot(repo_id, allow_patterns=None, **kwargs):
+        asked.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        shutil.copy(tokenizer_path, tmp_path / "tokenizer.json")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    text = "<|im_start|>user\nHello, Genesis!<|im_end|>"
+    assert build_tokenizer().encode(text) == build_tokenizer(tokenizer_path).encode(text)
+    assert asked["repo_id"] == "EleutherAI/pythia-70m"
+    assert "tokenizer.json" in asked["allow_patterns"]
+    assert not any(p.endswith((".bin", ".safetensors", ".pt")) for p in asked["allow_patterns"])
 
 
 def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path, tmp_path):

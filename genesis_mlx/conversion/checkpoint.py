@@ -141,8 +141,13 @@ def resolve_source(src: str) -> Path:
     return find_checkpoint_file(download_repo(src))
 
 
-def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md")) -> Path:
-    """Downloads (with progress bar, cache and resume) a Hub repo's files."""
+LOCAL_CHECKPOINT_HINT = "pass a local .safetensors file or directory"
+
+
+def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md"),
+                  offline_hint: str = LOCAL_CHECKPOINT_HINT) -> Path:
+    """Downloads (with progress bar, cache and resume) a Hub repo's files.
+    ``offline_hint`` says what to pass instead, in the errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -155,15 +160,15 @@ def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md
     except (RepositoryNotFoundError, GatedRepoError):
         raise GenesisError(
             f"Hub repo '{repo_id}' was not found (or needs a login); check the id, "
-            "or pass a local .safetensors file"
+            f"or {offline_hint}"
         ) from None
     except LocalEntryNotFoundError:
         raise GenesisError(
             f"cannot reach the Hugging Face Hub to download '{repo_id}' and it is not "
-            "in the local cache; connect, or pass a local .safetensors file or directory"
+            f"in the local cache; connect, or {offline_hint}"
         ) from None
     except OSError as e:
         raise GenesisError(
             f"cannot download '{repo_id}' from the Hugging Face Hub ({type(e).__name__}); "
-            "connect, or pass a local .safetensors file or directory"
+            f"connect, or {offline_hint}"
         ) from None

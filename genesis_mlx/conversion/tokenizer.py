@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import GenesisError
+from .checkpoint import download_repo
 
 BASE_TOKENIZER_REPO = "EleutherAI/pythia-70m"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -41,13 +43,10 @@ def load_base_tokenizer(source: Optional[str]):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if source is None:
-        try:
-            return AutoTokenizer.from_pretrained(BASE_TOKENIZER_REPO)
-        except OSError as e:
-            raise GenesisError(
-                f"cannot load the GPT-NeoX tokenizer from the Hub ({BASE_TOKENIZER_REPO}: "
-                f"{str(e).splitlines()[0][:120]}); pass --tokenizer PATH to a tokenizer.json"
-            ) from None
+        # Its files only, through the same download as checkpoints: offline, that
+        # fails at once (transformers' own download retries for ~50 s first).
+        source = download_repo(BASE_TOKENIZER_REPO, TOKENIZER_FILES,
+                               "pass --tokenizer PATH to a GPT-NeoX tokenizer.json")
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "tokenizer_config.json").exists():

@@ -174,10 +174,10 @@ def fox_attention_grouped(
 ) -> mx.array:
     """``fox_attention`` for a few queries against a cache, without copying it.
 
-    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (``group_values``). Queries of one
-    group share one product with K and one with V; the V product also forms the
-    cross terms r != h (n_rep times the work of a per-head product), which costs
-    less than materializing V per head for a handful of queries.
+    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (``group_values``).
+    Queries of one group share one product with V, which also forms the cross terms
+    r != h (n_rep times the work of a per-head product); that costs less than
+    materializing V per head for a handful of queries.
     ``quantized=(group_size, bits)``: k and v_grouped are mx.quantize triples (an
     8-bit cache), multiplied without dequantizing.
     """
@@ -185,7 +185,13 @@ def fox_attention_grouped(
     Hkv = kv_heads(k)
     Tk = cumsum_k.shape[-1]
     n_rep = H // Hkv
-    grouped_q = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep * Tq, D)
+    # [B, Hkv, n_rep, Tq, D] @ [B, Hkv, 1, D, Tk]: a product per head against its
+    # group's K (broadcast, not copied). For one query each is a matrix-vector
+    # product, which the CPU's BLAS does without first copying K into a packed
+    # buffer, as it does for a [n_rep, D] x [D, Tk] product (0.07 vs 0.13 ms per
+    # layer at 2048 keys, measured).
+    grouped_q = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep, Tq, D)
+    k = tuple(a[:, :, None] for a in k) if quantized else k[:, :, None]
     scores = cache_product(grouped_q, k, True, quantized).reshape(B, H, Tq, Tk)
     scores = scores + (cumsum_q[..., None] - cumsum_k[..., None, :])
     allowed = None
