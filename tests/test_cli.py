@@ -153,6 +153,30 @@ def test_chat_repl_multi_turn_reset_interrupt_save_load(demo_model, tmp_path):
     assert (tmp_path / "s.safetensors").exists()
 
 
+def test_chat_save_never_overwrites_another_file(demo_model, tmp_path):
+    import genesis_mlx as g
+    from genesis_mlx.errors import GenesisError
+    from genesis_mlx.generation.chat import ChatSession
+
+    model, tokenizer = g.load(str(demo_model[0]))
+    first = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), max_tokens=3)
+    "".join(first.ask("Hi"))
+    assert first.save(str(tmp_path / "mine")) == tmp_path / "mine.safetensors"
+    "".join(first.ask("Again"))
+    first.save(str(tmp_path / "mine.safetensors"))  # its own file: updated
+    other = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), max_tokens=3)
+    with pytest.raises(GenesisError, match="exists"):
+        other.save(str(tmp_path / "mine.safetensors"))
+    precious = tmp_path / "notes.safetensors"
+    precious.write_bytes(b"keep me")
+    with pytest.raises(GenesisError, match="exists"):
+        first.save(str(precious))
+    assert precious.read_bytes() == b"keep me"
+    other.load(str(tmp_path / "mine.safetensors"))  # loading makes it the session's file
+    assert len(other.history) == 4
+    other.save(str(tmp_path / "mine.safetensors"))
+
+
 def test_chat_session_turns_cost_only_their_own_tokens(demo_model):
     import genesis_mlx as g
     from genesis_mlx.generation.chat import ChatSession

@@ -37,8 +37,7 @@ def handle_command(session: ChatSession, line: str) -> bool:
     elif name in ("save", "load") and not arg:
         notice(f"usage: /{name} FILE")
     elif name == "save":
-        session.save(arg)
-        notice(f"session saved to {arg}")
+        notice(f"session saved to {session.save(arg)}")
     elif name == "load":
         session.load(arg)
         notice(f"session loaded from {arg} ({len(session.history) // 2} turns)")

@@ -3,6 +3,7 @@ tokens. Rendering follows the reference CLI (ChatML with a newline before
 ``<|im_end|>``); the assistant's answers stay in the state as generated."""
 
 import json
+from pathlib import Path
 from typing import Iterator, List, Optional
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
@@ -30,6 +31,7 @@ class ChatSession:
         self.sampling = sampling or SamplingOptions()
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
+        self.session_file: Optional[Path] = None  # the file this session saved or loaded
         self.reset()
 
     def reset(self):
@@ -105,10 +107,21 @@ class ChatSession:
             self.history += [{"role": "user", "content": user_text},
                              {"role": "assistant", "content": answer.strip()}]
 
-    def save(self, path: str):
+    def save(self, path: str) -> Path:
+        """Saves the session; returns the file (``.safetensors`` is appended when
+        missing, as MLX does). Overwrites only the file this session saved to or
+        loaded from, never another existing file."""
+        target = Path(path).expanduser()
+        if target.suffix != ".safetensors":
+            target = target.with_name(target.name + ".safetensors")
+        if target.exists() and target.resolve() != self.session_file:
+            raise GenesisError(f"{target} exists and is not this session's file; save "
+                               "under another name (or delete it first)")
         meta = {"history": json.dumps(self.history), "system_prompt": self.system_prompt,
                 "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer))}
-        save_prompt_cache(path, self.cache, meta)
+        save_prompt_cache(str(target), self.cache, meta)
+        self.session_file = target.resolve()
+        return target
 
     def load(self, path: str):
         try:
@@ -120,3 +133,4 @@ class ChatSession:
         self.cache, self.history = cache, json.loads(meta["history"])
         self.system_prompt = meta["system_prompt"]
         self.n_tokens, self.open_answer = int(meta["n_tokens"]), meta["open_answer"] == "1"
+        self.session_file = Path(path).expanduser().resolve()
