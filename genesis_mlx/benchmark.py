@@ -225,20 +225,55 @@ def run_worker(impl, model_dir, checkpoint, length, gen, reps, phase="generate")
     return json.loads(lines[-1][6:])
 
 
-def measure(impl, model_dir, checkpoint, length, gen, reps):
-    """One impl at one prompt length. The reference's prefill is the faster of its
-    no-cache forward and its generate's first token (each rep), so no choice of ours
-    makes it look slow."""
-    r = run_worker(impl, model_dir, checkpoint, length, gen, reps)
+def measure(impl, model_dir, checkpoint, length, gen):
+    """One round of one impl at one prompt length: a fresh process, one warm-up, one
+    timed generation. The reference's prefill is the faster of its no-cache forward
+    and its generate's first token, so no choice of ours makes it look slow."""
+    r = run_worker(impl, model_dir, checkpoint, length, gen, 1)
     if impl == "reference" and "error" not in r:
-        forward = run_worker(impl, model_dir, checkpoint, length, gen, reps, phase="forward")
+        forward = run_worker(impl, model_dir, checkpoint, length, gen, 1, phase="forward")
         if "error" not in forward:
             r["prefill_generate_tps"] = r["prefill_tps"]
             r["prefill_forward_tps"] = forward["prefill_tps"]
             r["prefill_tps"] = [max(a, b) for a, b in zip(r["prefill_tps"], forward["prefill_tps"])]
-    if "error" not in r:
-        r = dict(r, prefill=summarize(r.pop("prefill_tps")), decode=summarize(r.pop("decode_tps")))
     return r
+
+
+TIMINGS = ("prefill_tps", "decode_tps", "prefill_generate_tps", "prefill_forward_tps")
+
+
+def merge_rounds(rounds):
+    """A table row from its rounds: every round's timings (min / median over them),
+    the largest memory figures."""
+    errors = [r for r in rounds if "error" in r]
+    if errors:
+        return errors[0]
+    row = dict(rounds[-1])
+    for key in TIMINGS:
+        if key in row:
+            row[key] = [x for r in rounds for x in r[key]]
+    for key in ("rss_peak_mb", "peak_mb"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        row[key] = max(values) if values else None
+    return dict(row, prefill=summarize(row.pop("prefill_tps")),
+                decode=summarize(row.pop("decode_tps")))
+
+
+def measure_rounds(impls, lengths, reps, measure_one):
+    """Runs ``measure_one(impl, length)`` in rounds: each round measures every impl
+    once, so a shared machine's drift (its speed moved by 20% within minutes here)
+    hits every row alike instead of whichever ran in a slow spell. An impl that
+    failed is not run again."""
+    rounds = {impl: {L: [] for L in lengths} for impl in impls}
+    for n in range(reps):
+        for impl in impls:
+            for L in lengths:
+                if any("error" in r for r in rounds[impl][L]):
+                    continue
+                r = measure_one(impl, L)
+                rounds[impl][L].append(r)
+                print(f"[bench] round {n + 1}/{reps} {impl} @ {L}: {json.dumps(r)}", flush=True)
+    return {impl: {L: merge_rounds(rounds[impl][L]) for L in lengths} for impl in impls}
 
 
 def summarize(values):
@@ -311,16 +346,13 @@ def bench(model: str, lengths, gen: int, reps: int, compare, json_out=None, work
         else:  # a reference checkpoint: the reference needs the raw file
             checkpoint = resolve_source(model)
         model_dir = convert(str(checkpoint), str(work / "mlx"), force=True, with_tokenizer=False)
-        results = {}
-        for impl in ["genesis-mlx", *compare]:
-            results[impl] = {}
-            for L in lengths:
-                r = measure(impl, model_dir, checkpoint, L, gen, reps)
-                results[impl][L] = r
-                print(f"[bench] {impl} @ {L}: {json.dumps(r)}", flush=True)
+        results = measure_rounds(
+            ["genesis-mlx", *compare], lengths, reps,
+            lambda impl, L: measure(impl, model_dir, checkpoint, L, gen))
     backends = [r.get("backend", "?") for v in results.values() for r in v.values()]
     report = {"machine": machine_line(backends), "gen": gen, "reps": reps, "results": results}
-    print(f"\nMachine: {report['machine']}; {gen} generated tokens, {reps} reps (+1 warm-up)")
+    print(f"\nMachine: {report['machine']}; {gen} generated tokens, {reps} interleaved "
+          "rounds (each impl in a fresh process per round, after a warm-up)")
     print(format_table(results, lengths))
     for line in ratio_lines(results, lengths):
         print(line)

@@ -29,6 +29,32 @@ def test_bench_measures_every_impl_and_writes_json(reference_checkpoint, tmp_pat
     assert "| genesis-mlx | 40 |" in printed and "genesis-mlx vs reference at 40: decode x" in printed
 
 
+def test_rounds_interleave_the_impls_and_merge_their_timings():
+    """Round n measures every impl before round n + 1 starts; a row's min / median are
+    over its rounds, its memory the largest of them; a failed impl is not rerun."""
+    from genesis_mlx.benchmark import measure_rounds
+
+    calls = []
+
+    def fake(impl, L):
+        calls.append((impl, L))
+        if impl == "broken":
+            return {"error": "no such thing"}
+        n = sum(c == (impl, L) for c in calls)
+        return {"prefill_tps": [10.0 * n], "decode_tps": [float(n)], "rss_peak_mb": 100.0 + n,
+                "peak_mb": None, "cache_mb": 1.0, "attention_cache_mb": 0.5}
+
+    results = measure_rounds(["ours", "theirs", "broken"], [8, 16], 3, fake)
+    first_round = [("ours", 8), ("ours", 16), ("theirs", 8), ("theirs", 16), ("broken", 8),
+                   ("broken", 16)]
+    assert calls[:6] == first_round
+    assert calls[6:] == first_round[:4] * 2
+    row = results["ours"][16]
+    assert row["decode"] == {"min": 1.0, "median": 2.0} and row["prefill"]["min"] == 10.0
+    assert row["rss_peak_mb"] == 103.0 and row["peak_mb"] is None
+    assert results["broken"][8] == {"error": "no such thing"}
+
+
 def test_reference_timing_runs_the_loop_of_its_generate(reference_checkpoint):
     """The reference's decode is timed on its own cached steps: the tokens they give
     are its generate()'s greedy tokens."""

@@ -172,7 +172,7 @@ def test_chat_save_never_overwrites_another_file(demo_model, tmp_path):
     with pytest.raises(GenesisError, match="exists"):
         first.save(str(precious))
     assert precious.read_bytes() == b"keep me"
-    other.load(str(tmp_path / "mine.safetensors"))  # loading makes it the session's file
+    other.load(str(tmp_path / "mine"))  # loading makes it the session's file
     assert len(other.history) == 4
     other.save(str(tmp_path / "mine.safetensors"))
 

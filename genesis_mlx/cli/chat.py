@@ -39,8 +39,8 @@ def handle_command(session: ChatSession, line: str) -> bool:
     elif name == "save":
         notice(f"session saved to {session.save(arg)}")
     elif name == "load":
-        session.load(arg)
-        notice(f"session loaded from {arg} ({len(session.history) // 2} turns)")
+        path = session.load(arg)
+        notice(f"session loaded from {path} ({len(session.history) // 2} turns)")
     else:
         notice(HELP)
     return True

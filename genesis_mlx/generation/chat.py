@@ -22,6 +22,15 @@ def restore(saved):
     return [cls.from_state(state) for cls, state in saved]
 
 
+def session_path(path: str) -> Path:
+    """A session file's name, with the ``.safetensors`` that MLX needs (and appends
+    when saving) added when it is missing."""
+    target = Path(path).expanduser()
+    if target.suffix != ".safetensors":
+        target = target.with_name(target.name + ".safetensors")
+    return target
+
+
 class ChatSession:
     def __init__(self, model, tokenizer, sampling: Optional[SamplingOptions] = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_tokens: int = 256,
@@ -111,9 +120,7 @@ class ChatSession:
         """Saves the session; returns the file (``.safetensors`` is appended when
         missing, as MLX does). Overwrites only the file this session saved to or
         loaded from, never another existing file."""
-        target = Path(path).expanduser()
-        if target.suffix != ".safetensors":
-            target = target.with_name(target.name + ".safetensors")
+        target = session_path(path)
         if target.exists() and target.resolve() != self.session_file:
             raise GenesisError(f"{target} exists and is not this session's file; save "
                                "under another name (or delete it first)")
@@ -123,9 +130,10 @@ class ChatSession:
         self.session_file = target.resolve()
         return target
 
-    def load(self, path: str):
+    def load(self, path: str) -> Path:
+        path = session_path(path)
         try:
-            cache, meta = load_prompt_cache(path, return_metadata=True)
+            cache, meta = load_prompt_cache(str(path), return_metadata=True)
         except Exception as e:
             raise GenesisError(f"cannot load chat session {path} ({e})") from None
         if len(cache) != len(self.cache) or "history" not in meta:
@@ -133,4 +141,5 @@ class ChatSession:
         self.cache, self.history = cache, json.loads(meta["history"])
         self.system_prompt = meta["system_prompt"]
         self.n_tokens, self.open_answer = int(meta["n_tokens"]), meta["open_answer"] == "1"
-        self.session_file = Path(path).expanduser().resolve()
+        self.session_file = path.resolve()
+        return path
