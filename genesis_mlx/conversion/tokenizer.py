@@ -9,7 +9,10 @@ from ..errors import GenesisError
 from .checkpoint import download_repo
 
 BASE_TOKENIZER_REPO = "EleutherAI/pythia-70m"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# config.json too: AutoTokenizer reads it from a local directory when the tokenizer
+# config does not name its class.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "config.json")
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
