@@ -11,7 +11,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .conversion.checkpoint import DEFAULT_REPO, download_repo, find_checkpoint_file
-from .conversion.convert import convert, read_config
+from .conversion.convert import FORMAT_VERSION, convert, read_config
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
 
@@ -29,9 +29,15 @@ def converted_cache_dir(checkpoint: Path) -> Path:
     return CACHE_ROOT / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def is_current(directory: Path) -> bool:
+    """Converted by this version's format (older cached conversions are redone)."""
+    return is_converted(directory) and read_config(directory).get(
+        "genesis_mlx_format", 1) >= FORMAT_VERSION
+
+
 def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
     target = converted_cache_dir(checkpoint)
-    if not is_converted(target):
+    if not is_current(target):
         convert(str(checkpoint), str(target), tokenizer=tokenizer, force=True)
     return target
 

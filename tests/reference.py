@@ -73,3 +73,19 @@ def reference_logits(model, ids, delta_rule=False):
             os.environ.pop("GENESIS_ENABLE_DELTA_RULE_ON_CPU")
         else:
             os.environ["GENESIS_ENABLE_DELTA_RULE_ON_CPU"] = old
+
+
+def reference_logits_float64(model, ids):
+    """reference_logits of a float64 copy of the model, its .float() casts made
+    no-ops: a yardstick for float32 rounding."""
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    float_cast, default = torch.Tensor.float, torch.get_default_dtype()
+    torch.Tensor.float = lambda self, *args, **kwargs: self.double()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return reference_logits(model64, ids)
+    finally:
+        torch.Tensor.float = float_cast
+        torch.set_default_dtype(default)

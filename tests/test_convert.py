@@ -247,3 +247,24 @@ def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path
                  "--tokenizer", tokenizer_path, "--force")
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_cached_conversion_of_an_older_format_is_redone(tiny_with_real_vocab, tokenizer_path,
+                                                        tmp_path, monkeypatch):
+    """Raw checkpoints are converted once into the cache; a conversion written by an
+    older version (no RoPE frequencies from the checkpoint) is converted again."""
+    from genesis_mlx import loading
+    from genesis_mlx.conversion.convert import FORMAT_VERSION
+
+    _, path = tiny_with_real_vocab
+    monkeypatch.setattr(loading, "CACHE_ROOT", tmp_path)
+    target = loading.convert_once(path, tokenizer_path)
+    config_file = target / "config.json"
+    config = json.loads(config_file.read_text())
+    assert config["genesis_mlx_format"] == FORMAT_VERSION and config["rope_inv_freq"]
+    for key in ("genesis_mlx_format", "rope_inv_freq"):
+        del config[key]
+    config_file.write_text(json.dumps(config))
+    assert loading.convert_once(path, tokenizer_path) == target
+    config = json.loads(config_file.read_text())
+    assert config["genesis_mlx_format"] == FORMAT_VERSION and config["rope_inv_freq"]

@@ -118,3 +118,87 @@ def test_batch_rows_and_reference_batch_pooling(reference_checkpoint):
     assert_parity(per_row, mlx_model(path)(mx.array(ids)))
     mixed = R.reference_logits(ref, ids)
     assert_parity(mixed, mlx_model(path, ttt_confidence_pooling="batch")(mx.array(ids)))
+
+
+def reference_rope(head_qk_dim):
+    return R.genesis.layers.norms.RotaryPositionalEmbedding(dim=head_qk_dim, max_seq_len=4096)
+
+
+def gla_layer(head_qk_dim, inv_freq):
+    """A GLA layer of the real model's head size, with the reference's frequencies."""
+    from genesis_mlx.model.genesis import GatedLinearAttention, ModelArgs
+
+    args = ModelArgs(n_embd=head_qk_dim * 4, n_head=4, n_kv_head=4, gla_expand_k=1.0,
+                     rope_inv_freq=inv_freq.tolist())
+    return GatedLinearAttention(args)
+
+
+@pytest.mark.parametrize("head_qk_dim", [48, 24])
+def test_rope_angles_are_the_references(head_qk_dim):
+    """RoPE reproduces the reference's cos/sin tables at every position of them. For
+    these head sizes (48: the real model's) numpy's float32 power gives frequencies a
+    bit off torch's, whose angles drift by ~1e-4 rad by position 2000; so the port
+    takes the checkpoint's buffer."""
+    import torch
+
+    from genesis_mlx.model.genesis import ModelArgs, rope_inverse_frequencies
+
+    rope = reference_rope(head_qk_dim)
+    inv_freq = rope.inv_freq.numpy()
+    formula = rope_inverse_frequencies(ModelArgs(), rope.rotary_dim)
+    assert not np.array_equal(formula, inv_freq), "fixture too weak: formula == buffer"
+    layer = gla_layer(head_qk_dim, inv_freq)
+    x = np.random.RandomState(0).randn(1, 2, 4096, head_qk_dim).astype(np.float32)
+    with torch.no_grad():
+        want, _ = rope(torch.tensor(x), torch.tensor(x))
+    got = np.array(layer.apply_rope(mx.array(x), mx.array([0])))
+    assert np.abs(got - want.numpy()).max() < 2e-6
+    # The one-token step multiplies the position by these, as the reference does.
+    step_freqs = np.array(layer._rope_freqs)[: rope.rotary_dim // 2]
+    assert np.array_equal(step_freqs, inv_freq)
+
+
+def test_rope_frequencies_come_from_the_checkpoint(tmp_path):
+    """The reference builds its RoPE angles from the rope.inv_freq buffers it loads
+    with the weights, not from its formula; so must the port."""
+    ref = R.build_reference(R.make_config(**CONFIGS["gqa"]), seed=5)
+    for module in ref.modules():
+        if isinstance(module, R.genesis.layers.norms.RotaryPositionalEmbedding):
+            module.inv_freq.mul_(1.02)
+            module._build_cache(4096)
+    path = R.save_reference_checkpoint(ref, tmp_path / "genesis.safetensors")
+    ids = tokens(300)
+    want = R.reference_logits(ref, ids)
+    formula = mlx_model(path, rope_inv_freq=None)(mx.array(ids))
+    assert np.abs(want - np.array(formula)).max() > 1e-3, "fixture too weak"
+    assert_parity(want, mlx_model(path)(mx.array(ids)))
+    # and through a converted directory (config.json carries them)
+    from genesis_mlx.conversion.convert import convert
+    from genesis_mlx.loading import load_model_only
+
+    converted = load_model_only(convert(str(path), str(tmp_path / "mlx"), with_tokenizer=False))
+    assert_parity(want, converted(mx.array(ids)))
+
+
+def test_long_context_matches_reference(reference_checkpoint):
+    """2100 tokens. The no-cache forward is within the tolerance, and no farther from
+    a float64 run of the reference than the reference's own float32 logits are (RoPE
+    angles from frequencies a bit off made it 2.4x as far here, while still within
+    the tolerance). Decoding after a prefill read in pieces: each step equals the
+    reference's forward over the tokens so far (TTT pools over all of them)."""
+    # GLA heads of 24 dims: 12 rotate, with frequencies numpy and torch round apart.
+    ref, path = reference_checkpoint(n_embd=128, n_head=4, n_kv_head=2)
+    ids = tokens(2100)
+    model = mlx_model(path)
+    ours = np.array(model(mx.array(ids)))
+    want = R.reference_logits(ref, ids)
+    assert_parity(want, ours)
+    exact = R.reference_logits_float64(ref, ids)
+    ours_off, theirs_off = (np.abs(a - exact).max() for a in (ours, want))
+    assert ours_off <= 1.5 * theirs_off, f"{ours_off:.2e} vs the reference's {theirs_off:.2e}"
+    cache = model.make_cache()
+    for start in range(0, 2097, 512):
+        model(mx.array(ids[:, start:min(start + 512, 2097)]), cache=cache)
+    for t in range(2097, 2100):
+        step = model(mx.array(ids[:, t:t + 1]), cache=cache)
+        assert_parity(R.reference_logits(ref, ids[:, :t + 1])[:, -1:], step)

@@ -4,7 +4,7 @@
 import json
 import struct
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -110,10 +110,27 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
         weights = mx.load(str(path))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
+    args.rope_inv_freq = rope_inverse_frequencies(args, weights, path)
     model = Model(args)
     weights = model.sanitize(weights)
     check_shapes(model, weights, path)
     return args, weights
+
+
+def rope_inverse_frequencies(args: ModelArgs, weights: Dict[str, mx.array],
+                             source: Path) -> Optional[List[float]]:
+    """The GLA layers' ``rope.inv_freq`` buffers, which the reference loads with the
+    weights and builds its RoPE angles from (None if the file has none)."""
+    found = [weights[key].astype(mx.float32) for key in (
+        f"blocks.{i}.attn.rope.inv_freq" for i in range(args.n_layer)
+        if not args.is_fox_layer(i)) if key in weights]
+    if not found:
+        return None
+    if any(not mx.array_equal(f, found[0]).item() for f in found):
+        raise GenesisError(
+            f"{source}: the GLA layers' rope.inv_freq buffers differ from layer to layer; "
+            "genesis-mlx supports one set of RoPE frequencies for all layers")
+    return found[0].tolist()
 
 
 def find_checkpoint_file(directory: Path) -> Path:

@@ -18,6 +18,9 @@ from ..model.genesis import Model
 from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
 from .tokenizer import build_tokenizer, chat_token_ids
 
+# Written into config.json; cached conversions of an older format are redone.
+# 2: the GLA layers' RoPE frequencies are the checkpoint's (rope_inv_freq).
+FORMAT_VERSION = 2
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (128, 64, 32)
 
@@ -111,6 +114,7 @@ def convert(
     if tok is not None:
         config["eos_token_id"] = [chat_token_ids(tok)[1], tok.eos_token_id]
     config["genesis_source"] = str(hf_path)
+    config["genesis_mlx_format"] = FORMAT_VERSION
     if quantize_model:
         config["quantization"] = quantize(model, q_bits, q_group_size)
 

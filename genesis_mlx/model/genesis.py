@@ -93,6 +93,10 @@ class ModelArgs(BaseModelArgs):
     # The reference skips the chunk-level delta rule at inference on CPU/MPS unless
     # GENESIS_ENABLE_DELTA_RULE_ON_CPU=1; this is that switch (no-cache forward only).
     gla_delta_rule_at_inference: bool = False
+    # The GLA layers' RoPE inverse frequencies as the checkpoint stores them (its
+    # `rope.inv_freq` buffers, which the reference loads and uses); None: the
+    # reference's formula, evaluated here in float32. Conversion fills it in.
+    rope_inv_freq: Optional[List[float]] = None
 
     def __post_init__(self):
         # As the reference: head_dim always follows n_embd / n_head.
@@ -238,13 +242,45 @@ def token_positions(pad_mask, start, T):
     return start - (T - pad_mask.sum(axis=1).astype(mx.int32))
 
 
-def rope_as_products(head_dim: int, rotary_dim: int, base: float = 1e4):
+def rope_inverse_frequencies(args: ModelArgs, rotary_dim: int) -> np.ndarray:
+    """What the reference multiplies positions by: its cos/sin tables hold
+    cos(float32(position * inv_freq)), so the angles are exact only with the very
+    float32 values of its buffer. Computed anew, the frequencies differ in the last
+    bits for some dims (24, the real model's, among them: numpy's float32 power and
+    mx.fast.rope's own from ``base`` both round apart from torch's), which moves the
+    angles by ~6e-5 rad at position 2000; hence the checkpoint's values."""
+    if args.rope_inv_freq is None:
+        exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim
+        return (1.0 / (10000.0 ** exponents)).astype(np.float32)
+    inv_freq = np.asarray(args.rope_inv_freq, np.float32)
+    if inv_freq.shape != (rotary_dim // 2,):
+        raise GenesisError(
+            f"config: rope_inv_freq has {inv_freq.size} entries but the GLA heads rotate "
+            f"{rotary_dim} dims ({rotary_dim // 2} frequencies); reconvert the checkpoint")
+    return inv_freq
+
+
+def rope_periods(inv_freq: np.ndarray) -> np.ndarray:
+    """Periods p with float32(1 / p) == inv_freq, bit for bit: mx.fast.rope(freqs=p)
+    multiplies positions by float32(1 / p), so its angles are then the reference's."""
+    periods = (np.float32(1.0) / inv_freq).astype(np.float32)
+    for i, target in enumerate(inv_freq):
+        candidate = periods[i]
+        for _ in range(8):  # the reciprocal of the reciprocal is off by an ulp or two
+            got = np.float32(1.0) / candidate
+            if got == target:
+                break
+            candidate = np.nextafter(candidate, np.float32(np.inf if got > target else 0.0))
+        periods[i] = candidate
+    return periods
+
+
+def rope_as_products(head_dim: int, rotary_dim: int, inv_freq: np.ndarray):
     """What mx.fast.rope(traditional=False) does to the first ``rotary_dim`` dims of a
     head, as constants for x * cos(p f) + (x @ R) * sin(p f): the frequencies f (0 on
     the dims it leaves alone, so cos = 1 and sin = 0 there) and the rotate-half matrix
     R. One small matmul and one fused op, where the CPU's rope is ~15 graph nodes."""
     half = rotary_dim // 2
-    inv_freq = 1.0 / (base ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / rotary_dim))
     freqs = np.zeros(head_dim, np.float32)
     freqs[:half] = freqs[half:rotary_dim] = inv_freq
     rotate_half = np.zeros((head_dim, head_dim), np.float32)
@@ -275,8 +311,11 @@ class GatedLinearAttention(nn.Module):
         self.use_delta_rule = args.gla_use_delta_rule and args.gla_delta_rule_at_inference
         self.conv_size = args.gla_conv_size
         self.rotary_dim = (int(self.head_qk_dim * 0.5) // 2) * 2
-        # Private (not parameters): constants of the one-token step.
-        self._rope_freqs, self._rope_rotate = rope_as_products(self.head_qk_dim, self.rotary_dim)
+        # Private (not parameters): RoPE constants of the prefill and one-token paths.
+        inv_freq = rope_inverse_frequencies(args, self.rotary_dim)
+        self._rope_periods = mx.array(rope_periods(inv_freq))
+        self._rope_freqs, self._rope_rotate = rope_as_products(
+            self.head_qk_dim, self.rotary_dim, inv_freq)
 
         C = args.n_embd
         self.q_proj = nn.Linear(C, self.key_dim, bias=False)
@@ -341,8 +380,7 @@ class GatedLinearAttention(nn.Module):
 
         start = cache[2] if cache is not None and cache[2] is not None else mx.zeros((B,), mx.int32)
         offset = token_positions(pad_mask, start, T)
-        q = mx.fast.rope(q, self.rotary_dim, traditional=False, base=1e4, scale=1.0, offset=offset)
-        k = mx.fast.rope(k, self.rotary_dim, traditional=False, base=1e4, scale=1.0, offset=offset)
+        q, k = (self.apply_rope(a, offset) for a in (q, k))
 
         log_g = self.log_decay(x).transpose(0, 2, 1)
         if pad_mask is not None:
@@ -364,6 +402,10 @@ class GatedLinearAttention(nn.Module):
         norm = getattr(self, "g_norm_swish_gate", None) or self.g_norm
         out = norm(out, gate).reshape(B, T, self.value_dim)
         return self.o_proj(out)
+
+    def apply_rope(self, x, offset):
+        return mx.fast.rope(x, self.rotary_dim, traditional=False, base=None, scale=1.0,
+                            offset=offset, freqs=self._rope_periods)
 
     def decode_token(self, x, cache):
         """__call__ for one token against a cache (x [B, 1, C]): the same math in fewer
