@@ -185,7 +185,7 @@ def test_bad_inputs_give_one_line_errors(reference_checkpoint, tokenizer_path, t
     one_line_error(run(pickle), "not a safetensors file")
     no_meta = write_checkpoint(tmp_path / "nometa.safetensors",
                                {"tok_emb.weight": np.zeros((4, 4), np.float32)}, {})
-    one_line_error(run(no_meta), "genesis_config_json")
+    one_line_error(run(no_meta), "genesis_147m", "tok_emb.weight")
     unknown = write_checkpoint(tmp_path / "unknown.safetensors",
                                {"tok_emb.weight": np.zeros((4, 4), np.float32)},
                                {"genesis_config_json": json.dumps({**header_config,
@@ -268,3 +268,28 @@ def test_cached_conversion_of_an_older_format_is_redone(tiny_with_real_vocab, to
     assert loading.convert_once(path, tokenizer_path) == target
     config = json.loads(config_file.read_text())
     assert config["genesis_mlx_format"] == FORMAT_VERSION and config["rope_inv_freq"]
+
+
+def test_files_without_metadata_get_the_references_default_config(tmp_path, monkeypatch):
+    """Like the reference's CLI, a .safetensors without genesis_config_json is read as
+    GenesisConfig.genesis_147m() (the vocabulary size taken from the weights)."""
+    from safetensors.numpy import load_file, save_file
+
+    from genesis_mlx.conversion import checkpoint
+    from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+    from genesis_mlx.model.genesis import ModelArgs
+
+    want = R.asdict(R.genesis.GenesisConfig.genesis_147m())
+    assumed = checkpoint.validate_config(checkpoint.config_from_metadata(tmp_path, {}))
+    for name in ModelArgs.reference_fields():
+        assert getattr(assumed, name) == want[name], name
+
+    # The mechanism, on a small model standing in for genesis_147m.
+    with_meta = write_reference_checkpoint(tmp_path / "meta.safetensors", DEMO)
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(with_meta)), str(bare))
+    monkeypatch.setattr(checkpoint, "GENESIS_147M", dict(DEMO, vocab_size=1))
+    args, weights = checkpoint.load_reference_checkpoint(bare)
+    expected_args, expected = checkpoint.load_reference_checkpoint(with_meta)
+    assert args == expected_args
+    assert all(mx.array_equal(weights[k], expected[k]).item() for k in expected)

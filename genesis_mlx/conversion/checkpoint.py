@@ -37,12 +37,20 @@ def read_safetensors_header(path: Path) -> dict:
         ) from None
 
 
+# GenesisConfig.genesis_147m() (its fields that differ from the defaults): the config
+# the reference's CLI assumes for a .safetensors without genesis_config_json.
+GENESIS_147M = dict(
+    vocab_size=50304, n_embd=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64,
+    block_size=2048, gla_expand_k=0.75, gla_expand_v=1.5, ttt_rank=4,
+    use_selective_activation=False, use_mup=True, mup_base_width=256,
+)
+ASSUMED_CONFIG = (f"the genesis_147m config (which the reference assumes for files "
+                  f"without '{CONFIG_KEY}' metadata)")
+
+
 def config_from_metadata(path: Path, metadata: dict) -> Dict:
     if CONFIG_KEY not in metadata:
-        raise GenesisError(
-            f"{path} has no '{CONFIG_KEY}' metadata, so it is not a checkpoint written "
-            "by genesis-llm; convert the reference's .safetensors export instead"
-        )
+        return dict(GENESIS_147M)
     try:
         config = json.loads(metadata[CONFIG_KEY])
     except json.JSONDecodeError as e:
@@ -72,23 +80,23 @@ def validate_config(config: Dict) -> ModelArgs:
     return args
 
 
-def check_shapes(model: Model, weights: Dict[str, mx.array], source: Path):
+def check_shapes(model: Model, weights: Dict[str, mx.array], source: Path, config: str):
     expected = dict(tree_flatten(model.parameters()))
     for name, value in weights.items():
         if name not in expected:
             raise GenesisError(
-                f"{source}: tensor '{name}' is not part of a Genesis model with this "
-                "config; the checkpoint and its genesis_config_json disagree"
+                f"{source}: tensor '{name}' is not part of a Genesis model with "
+                f"{config}; the checkpoint and its config disagree"
             )
         if tuple(value.shape) != tuple(expected[name].shape):
             raise GenesisError(
-                f"{source}: tensor '{name}' has shape {tuple(value.shape)} but the config "
+                f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but {config} "
                 f"implies {tuple(expected[name].shape)}"
             )
     missing = sorted(set(expected) - set(weights))
     if missing:
         raise GenesisError(
-            f"{source}: {len(missing)} tensor(s) the config needs are missing, e.g. "
+            f"{source}: {len(missing)} tensor(s) that {config} needs are missing, e.g. "
             f"'{missing[0]}'; the file is incomplete or from another model"
         )
 
@@ -99,7 +107,8 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     if not path.is_file():
         raise GenesisError(f"no such file: {path}")
     header = read_safetensors_header(path)
-    config = config_from_metadata(path, header.get("__metadata__") or {})
+    metadata = header.get("__metadata__") or {}
+    config = config_from_metadata(path, metadata)
     if "tok_emb.weight" not in header:
         raise GenesisError(f"{path}: no 'tok_emb.weight' tensor; not a Genesis checkpoint")
     # The vocabulary size comes from the weights (the chat tokens were added after
@@ -113,7 +122,8 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     args.rope_inv_freq = rope_inverse_frequencies(args, weights, path)
     model = Model(args)
     weights = model.sanitize(weights)
-    check_shapes(model, weights, path)
+    check_shapes(model, weights, path,
+                 f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG)
     return args, weights
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..model.genesis import Model, ModelArgs
-from .checkpoint import CONFIG_KEY
+from .checkpoint import CONFIG_KEY, GENESIS_147M
 
 ROPE_TABLE_LEN = 4096  # the reference's RotaryPositionalEmbedding(max_seq_len=4096)
 
@@ -85,12 +85,8 @@ def write_reference_checkpoint(path: Path, config: dict, seed: int = 0) -> Path:
     return path
 
 
-# The shape of the published model (genesis_147m with the chat vocabulary).
-GENESIS_152M = dict(
-    vocab_size=50279, n_embd=576, n_layer=30, n_head=9, n_kv_head=3, head_dim=64,
-    block_size=2048, gla_expand_k=0.75, gla_expand_v=1.5, ttt_rank=4,
-    use_selective_activation=False, use_mup=True, mup_base_width=256,
-)
+# The shape of the published model: genesis_147m with the chat vocabulary.
+GENESIS_152M = dict(GENESIS_147M, vocab_size=50279)
 
 # A small model of the same structure, for the offline demo and tests.
 DEMO = dict(GENESIS_152M, n_embd=96, n_layer=8, n_head=3, n_kv_head=1, ttt_rank=4)
