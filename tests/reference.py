@@ -89,3 +89,19 @@ def reference_logits_float64(model, ids):
     finally:
         torch.Tensor.float = float_cast
         torch.set_default_dtype(default)
+
+
+def load_as_reference_cli(path):
+    """A checkpoint loaded as the reference's CLI loads it: a float32 model of the
+    metadata's config, load_state_dict(strict=False)."""
+    from safetensors.torch import load_file
+
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    config = genesis.GenesisConfig(**json.loads(header["__metadata__"]["genesis_config_json"]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = genesis.Genesis(config)
+    state = load_file(str(path))
+    state.setdefault("lm_head.weight", state["tok_emb.weight"])
+    model.load_state_dict(state, strict=False)
+    return model.eval()

@@ -202,3 +202,36 @@ def test_long_context_matches_reference(reference_checkpoint):
     for t in range(2097, 2100):
         step = model(mx.array(ids[:, t:t + 1]), cache=cache)
         assert_parity(R.reference_logits(ref, ids[:, :t + 1])[:, -1:], step)
+
+
+def test_rope_tables_of_a_bfloat16_checkpoint(tmp_path):
+    """Saved in bfloat16, a checkpoint holds RoPE tables rounded from the angles of
+    the float32 frequencies, and the reference (loading it into float32 as its CLI
+    does) reads them: the port, converted to float32, keeps and reads them too, in the
+    no-cache forward and while decoding. A whole sequence longer than the tables
+    makes the reference compute them anew (from the rounded frequencies); the port
+    does the same."""
+    import torch
+
+    from genesis_mlx.conversion.convert import convert
+    from genesis_mlx.loading import load_model_only
+
+    written = R.build_reference(R.make_config(n_embd=128, n_head=4, n_kv_head=2), seed=7)
+    path = R.save_reference_checkpoint(written, tmp_path / "bf16.safetensors", torch.bfloat16)
+    model = load_model_only(convert(str(path), str(tmp_path / "mlx"), with_tokenizer=False))
+    ids = tokens(4100)
+    ref = R.load_as_reference_cli(path)
+    want = R.reference_logits(ref, ids[:, :300])
+    recomputed = R.load_as_reference_cli(path)
+    for module in recomputed.modules():
+        if isinstance(module, R.genesis.layers.norms.RotaryPositionalEmbedding):
+            module._build_cache(4096)
+    assert np.abs(want - R.reference_logits(recomputed, ids[:, :300])).max() > 1e-3, \
+        "fixture too weak: the tables change nothing"
+    assert_parity(want, model(mx.array(ids[:, :300])))
+    cache = model.make_cache()
+    model(mx.array(ids[:, :298]), cache=cache)
+    for t in (298, 299):
+        step = model(mx.array(ids[:, t:t + 1]), cache=cache)
+        assert_parity(R.reference_logits(ref, ids[:, :t + 1])[:, -1:], step)
+    assert_parity(R.reference_logits(ref, ids), model(mx.array(ids)))

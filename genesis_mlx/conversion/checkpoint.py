@@ -120,6 +120,7 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
     args.rope_inv_freq = rope_inverse_frequencies(args, weights, path)
+    args.rope_table_length = rounded_rope_table_length(args, header)
     model = Model(args)
     weights = model.sanitize(weights)
     check_shapes(model, weights, path,
@@ -141,6 +142,16 @@ def rope_inverse_frequencies(args: ModelArgs, weights: Dict[str, mx.array],
             f"{source}: the GLA layers' rope.inv_freq buffers differ from layer to layer; "
             "genesis-mlx supports one set of RoPE frequencies for all layers")
     return found[0].tolist()
+
+
+def rounded_rope_table_length(args: ModelArgs, header: dict) -> int:
+    """The length of the GLA layers' RoPE cos/sin tables if the file stores them below
+    float32 (the reference then reads those rounded values), else 0."""
+    for i in range(args.n_layer):
+        entry = header.get(f"blocks.{i}.attn.rope.cos_cached")
+        if entry is not None:
+            return 0 if entry["dtype"] in ("F32", "F64") else int(entry["shape"][2])
+    return 0
 
 
 def find_checkpoint_file(directory: Path) -> Path:

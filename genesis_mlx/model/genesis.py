@@ -97,6 +97,10 @@ class ModelArgs(BaseModelArgs):
     # `rope.inv_freq` buffers, which the reference loads and uses); None: the
     # reference's formula, evaluated here in float32. Conversion fills it in.
     rope_inv_freq: Optional[List[float]] = None
+    # 0: RoPE cos/sin computed from rope_inv_freq (what a float32 checkpoint's tables
+    # hold). > 0: the checkpoint stores its tables rounded (bfloat16, float16), and the
+    # reference reads the positions below their length from them; kept and used here.
+    rope_table_length: int = 0
 
     def __post_init__(self):
         # As the reference: head_dim always follows n_embd / n_head.
@@ -290,6 +294,25 @@ def rope_as_products(head_dim: int, rotary_dim: int, inv_freq: np.ndarray):
     return mx.array(freqs), mx.array(rotate_half)
 
 
+class RopeTables(nn.Module):
+    """The reference's RoPE cos/sin tables, kept only when the checkpoint stores them
+    rounded (computing them anew would not give the same values)."""
+
+    def __init__(self, length: int, rotary_dim: int):
+        super().__init__()
+        self.cos_cached = mx.zeros((1, 1, length, rotary_dim))
+        self.sin_cached = mx.zeros((1, 1, length, rotary_dim))
+        self.freeze()
+
+    def lookup(self, positions, head_dim: int):
+        """Rows at ``positions`` (clipped into the table), padded to ``head_dim`` with
+        cos 1 and sin 0 for the dims RoPE leaves alone."""
+        rows = mx.minimum(positions, self.cos_cached.shape[2] - 1)
+        cos, sin = (t[0, 0][rows].astype(mx.float32) for t in (self.cos_cached, self.sin_cached))
+        pad = [(0, 0)] * (cos.ndim - 1) + [(0, head_dim - cos.shape[-1])]
+        return mx.pad(cos, pad, constant_values=1.0), mx.pad(sin, pad)
+
+
 class GatedLinearAttention(nn.Module):
     """GLA layer ("Gated DeltaNet" in the reference): short convs, L2-normed q/k,
     partial RoPE, Mamba-style per-head decay, gated RMSNorm output."""
@@ -316,6 +339,8 @@ class GatedLinearAttention(nn.Module):
         self._rope_periods = mx.array(rope_periods(inv_freq))
         self._rope_freqs, self._rope_rotate = rope_as_products(
             self.head_qk_dim, self.rotary_dim, inv_freq)
+        if args.rope_table_length:
+            self.rope = RopeTables(args.rope_table_length, self.rotary_dim)
 
         C = args.n_embd
         self.q_proj = nn.Linear(C, self.key_dim, bias=False)
@@ -380,7 +405,7 @@ class GatedLinearAttention(nn.Module):
 
         start = cache[2] if cache is not None and cache[2] is not None else mx.zeros((B,), mx.int32)
         offset = token_positions(pad_mask, start, T)
-        q, k = (self.apply_rope(a, offset) for a in (q, k))
+        q, k = (self.apply_rope(a, offset, cached=cache is not None) for a in (q, k))
 
         log_g = self.log_decay(x).transpose(0, 2, 1)
         if pad_mask is not None:
@@ -403,9 +428,28 @@ class GatedLinearAttention(nn.Module):
         out = norm(out, gate).reshape(B, T, self.value_dim)
         return self.o_proj(out)
 
-    def apply_rope(self, x, offset):
-        return mx.fast.rope(x, self.rotary_dim, traditional=False, base=None, scale=1.0,
-                            offset=offset, freqs=self._rope_periods)
+    def apply_rope(self, x, offset, cached=True):
+        """x [B, H, T, Dk] at positions offset + t (offset: [B] or scalar)."""
+        # Given a whole sequence longer than its tables, the reference first rebuilds
+        # them from inv_freq, for every position.
+        tables = "rope" in self and (cached or x.shape[2] <= self.rope.cos_cached.shape[2])
+        if not tables:
+            return mx.fast.rope(x, self.rotary_dim, traditional=False, base=None, scale=1.0,
+                                offset=offset, freqs=self._rope_periods)
+        positions = mx.array(offset).reshape(-1, 1) + mx.arange(x.shape[2])
+        cos, sin = self.rope_cos_sin(positions[:, None, :, None])
+        return (x * cos + (x @ self._rope_rotate) * sin).astype(x.dtype)
+
+    def rope_cos_sin(self, positions):
+        """cos and sin of the RoPE angles at ``positions`` [..., T, 1], over a head's
+        dims; from the checkpoint's tables where it has them (as the reference)."""
+        angle = positions.astype(mx.float32) * self._rope_freqs
+        cos, sin = mx.cos(angle), mx.sin(angle)
+        if "rope" in self:
+            in_table = positions < self.rope.cos_cached.shape[2]
+            table_cos, table_sin = self.rope.lookup(positions[..., 0], self.head_qk_dim)
+            cos, sin = mx.where(in_table, table_cos, cos), mx.where(in_table, table_sin, sin)
+        return cos, sin
 
     def decode_token(self, x, cache):
         """__call__ for one token against a cache (x [B, 1, C]): the same math in fewer
@@ -430,8 +474,7 @@ class GatedLinearAttention(nn.Module):
             q, k = l2_normalize(q), l2_normalize(k)
         else:
             q, k = self.q_norm(q), self.k_norm(k)
-        angle = cache[2].astype(mx.float32).reshape(B, 1, 1, 1) * self._rope_freqs
-        cos, sin = mx.cos(angle), mx.sin(angle)
+        cos, sin = self.rope_cos_sin(cache[2].reshape(B, 1, 1, 1))
         q = q * cos + (q @ self._rope_rotate) * sin
         k = k * cos + (k @ self._rope_rotate) * sin
 
@@ -824,8 +867,10 @@ class Model(nn.Module):
         """Reference state_dict -> this model's parameters."""
         out = {}
         for key, value in weights.items():
-            if ".rope." in key or key.startswith("metacognition.evolution_"):
-                continue  # buffers recomputed here
+            if key.endswith(".rope.inv_freq") or key.startswith("metacognition.evolution_"):
+                continue  # buffers recomputed here (inv_freq: in ModelArgs)
+            if ".rope." in key and not self.args.rope_table_length:
+                continue
             if key == "lm_head.weight" and self.args.tie_word_embeddings:
                 continue
             if key.endswith(".conv.weight") and value.ndim == 3 and value.shape[1] == 1:
