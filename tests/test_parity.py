@@ -234,4 +234,10 @@ def test_rope_tables_of_a_bfloat16_checkpoint(tmp_path):
     for t in (298, 299):
         step = model(mx.array(ids[:, t:t + 1]), cache=cache)
         assert_parity(R.reference_logits(ref, ids[:, :t + 1])[:, -1:], step)
+    # A left-padded row (negative positions on its padding) equals the row alone.
+    batch, mask = np.zeros((2, 300), np.int64), np.ones((2, 300), bool)
+    batch[0], batch[1, 180:], mask[1, :180] = ids[0, :300], ids[0, :120], False
+    padded = model(mx.array(batch), cache=model.make_cache(), pad_mask=mx.array(mask))
+    alone = model(mx.array(ids[:, :120]), cache=model.make_cache())
+    assert_parity(np.array(alone), padded[1:, 180:])
     assert_parity(R.reference_logits(ref, ids), model(mx.array(ids)))

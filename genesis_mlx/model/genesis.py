@@ -305,9 +305,10 @@ class RopeTables(nn.Module):
         self.freeze()
 
     def lookup(self, positions, head_dim: int):
-        """Rows at ``positions`` (clipped into the table), padded to ``head_dim`` with
-        cos 1 and sin 0 for the dims RoPE leaves alone."""
-        rows = mx.minimum(positions, self.cos_cached.shape[2] - 1)
+        """Rows at ``positions`` (clipped into the table: left padding has negative
+        ones), padded to ``head_dim`` with cos 1 and sin 0 for the dims RoPE leaves
+        alone."""
+        rows = mx.clip(positions, 0, self.cos_cached.shape[2] - 1)
         cos, sin = (t[0, 0][rows].astype(mx.float32) for t in (self.cos_cached, self.sin_cached))
         pad = [(0, 0)] * (cos.ndim - 1) + [(0, head_dim - cos.shape[-1])]
         return mx.pad(cos, pad, constant_values=1.0), mx.pad(sin, pad)
