@@ -119,7 +119,7 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
         weights = mx.load(str(path))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
-    args.rope_inv_freq = rope_inverse_frequencies(args, weights, path)
+    args.rope_inv_freq = checkpoint_rope_frequencies(args, weights, path)
     args.rope_table_length = rounded_rope_table_length(args, header)
     model = Model(args)
     weights = model.sanitize(weights)
@@ -128,8 +128,8 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     return args, weights
 
 
-def rope_inverse_frequencies(args: ModelArgs, weights: Dict[str, mx.array],
-                             source: Path) -> Optional[List[float]]:
+def checkpoint_rope_frequencies(args: ModelArgs, weights: Dict[str, mx.array],
+                                source: Path) -> Optional[List[float]]:
     """The GLA layers' ``rope.inv_freq`` buffers, which the reference loads with the
     weights and builds its RoPE angles from (None if the file has none)."""
     found = [weights[key].astype(mx.float32) for key in (

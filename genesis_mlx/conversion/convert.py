@@ -19,7 +19,7 @@ from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
 from .tokenizer import build_tokenizer, chat_token_ids
 
 # Written into config.json; cached conversions of an older format are redone.
-# 2: the GLA layers' RoPE frequencies are the checkpoint's (rope_inv_freq).
+# 2: RoPE from the checkpoint's buffers (rope_inv_freq; rounded tables kept).
 FORMAT_VERSION = 2
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (128, 64, 32)
