@@ -4,6 +4,7 @@ cache directory), or a Hub repo id (downloaded, then the same)."""
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -96,6 +97,10 @@ def load(
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
     options of ModelArgs (e.g. ``{"ttt_enabled": False}``)."""
     model_dir = resolve_model_dir(src, tokenizer)
+    if not is_current(model_dir):
+        print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "
+              "frequencies can differ from the reference's in the last bit; convert the "
+              "checkpoint again (genesis-mlx convert --force)", file=sys.stderr)
     model, config = load_model(model_dir, lazy=lazy, model_config=model_config,
                                get_model_classes=get_classes)
     if adapter_path is not None:

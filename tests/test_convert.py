@@ -270,6 +270,19 @@ def test_cached_conversion_of_an_older_format_is_redone(tiny_with_real_vocab, to
     assert config["genesis_mlx_format"] == FORMAT_VERSION and config["rope_inv_freq"]
 
 
+def test_loading_a_model_converted_by_an_older_version_says_so(tiny_with_real_vocab,
+                                                               tokenizer_path, tmp_path, capsys):
+    _, path = tiny_with_real_vocab
+    out = convert(str(path), str(tmp_path / "mlx"), tokenizer=tokenizer_path)
+    load(str(out))
+    assert "older genesis-mlx" not in capsys.readouterr().err
+    config = json.loads((out / "config.json").read_text())
+    del config["genesis_mlx_format"]
+    (out / "config.json").write_text(json.dumps(config))
+    load(str(out))
+    assert "converted by an older genesis-mlx" in capsys.readouterr().err
+
+
 def test_files_without_metadata_get_the_references_default_config(tmp_path, monkeypatch):
     """Like the reference's CLI, a .safetensors without genesis_config_json is read as
     GenesisConfig.genesis_147m() (the vocabulary size taken from the weights)."""
