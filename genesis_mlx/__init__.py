@@ -1,5 +1,6 @@
 """genesis-mlx: Genesis-152M (GLA + FoX + TTT) on MLX."""
 
+import importlib
 import os
 
 # float32 means float32: MLX otherwise runs fp32 matmuls as TF32 on GPUs that have it
@@ -10,9 +11,25 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 __version__ = "0.1.0"
 
 from .errors import GenesisError
-from .generation.generate import SamplingOptions, generate, stream_generate
-from .loading import load
-from .model.genesis import Model, ModelArgs
+
+# Imported on first use: mlx-lm brings in transformers (~2.5 s), which the CLI's
+# start (it may re-execute itself to preload a BLAS) should not pay twice.
+_LAZY = {
+    "Model": ".model.genesis", "ModelArgs": ".model.genesis", "load": ".loading",
+    "SamplingOptions": ".generation.generate", "generate": ".generation.generate",
+    "stream_generate": ".generation.generate",
+}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'genesis_mlx' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = ["GenesisError", "Model", "ModelArgs", "SamplingOptions", "generate", "load",
            "stream_generate"]

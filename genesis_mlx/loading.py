@@ -5,6 +5,7 @@ cache directory), or a Hub repo id (downloaded, then the same)."""
 import hashlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -12,7 +13,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .conversion.checkpoint import DEFAULT_REPO, download_repo, find_checkpoint_file
-from .conversion.convert import FORMAT_VERSION, convert, read_config
+from .conversion.convert import (FORMAT_VERSION, build_model_tokenizer, convert, read_config,
+                                 stop_token_ids)
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
 
@@ -43,9 +45,14 @@ def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
     return target
 
 
+def tokenizer_source(tokenizer: Optional[str]) -> Optional[str]:
+    """--tokenizer, else $GENESIS_MLX_TOKENIZER, else None (the Hub's)."""
+    return tokenizer or os.environ.get("GENESIS_MLX_TOKENIZER")
+
+
 def resolve_model_dir(src: str, tokenizer: Optional[str] = None) -> Path:
     """Any model source -> a converted MLX model directory."""
-    tokenizer = tokenizer or os.environ.get("GENESIS_MLX_TOKENIZER")
+    tokenizer = tokenizer_source(tokenizer)
     path = Path(src).expanduser()
     if path.is_dir():
         if is_converted(path):
@@ -82,6 +89,29 @@ def load_quietly(model_dir: Path, eos_token_ids) -> TokenizerWrapper:
         logging.set_verbosity(previous)
 
 
+def has_tokenizer(model_dir: Path) -> bool:
+    return (model_dir / "tokenizer.json").is_file() or (model_dir / "tokenizer_config.json").is_file()
+
+
+def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]):
+    """The directory's own tokenizer; for a directory converted without one (as
+    ``bench`` writes them), the one ``tokenizer`` names, built in memory: the user's
+    directory is left as it is."""
+    if has_tokenizer(model_dir):
+        return load_quietly(model_dir, config.get("eos_token_id"))
+    source = tokenizer_source(tokenizer)
+    if source is None:
+        raise GenesisError(
+            f"{model_dir} has no tokenizer (tokenizer.json); pass --tokenizer PATH to a "
+            "GPT-NeoX tokenizer.json (or set GENESIS_MLX_TOKENIZER), or convert the "
+            "checkpoint again with one"
+        )
+    tok = build_model_tokenizer(source, config["vocab_size"])
+    with tempfile.TemporaryDirectory() as staging:
+        tok.save_pretrained(staging)
+        return load_quietly(Path(staging), stop_token_ids(tok))
+
+
 def load_model_only(model_dir: str) -> Model:
     model, _ = load_model(Path(model_dir), get_model_classes=get_classes)
     return model
@@ -108,5 +138,4 @@ def load(
 
         model = load_adapters(model, adapter_path)
     model.eval()
-    wrapper = load_quietly(model_dir, config.get("eos_token_id"))
-    return model, wrapper
+    return model, load_model_tokenizer(model_dir, config, tokenizer)

@@ -13,6 +13,7 @@ import reference as R
 from conftest import logits_tolerance
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.tokenizer import build_prompt
+from genesis_mlx.errors import GenesisError
 from genesis_mlx.loading import load
 
 IDS = np.random.RandomState(7).randint(0, 512, (1, 90))
@@ -306,3 +307,38 @@ def test_files_without_metadata_get_the_references_default_config(tmp_path, monk
     expected_args, expected = checkpoint.load_reference_checkpoint(with_meta)
     assert args == expected_args
     assert all(mx.array_equal(weights[k], expected[k]).item() for k in expected)
+
+
+def test_a_directory_without_tokenizer_needs_one_and_is_left_as_it_is(
+        tiny_with_real_vocab, tokenizer_path, tmp_path, monkeypatch):
+    """``bench`` writes model directories without a tokenizer; loading one says what to
+    pass, and with --tokenizer it loads the same tokenizer a full conversion writes,
+    without adding files to the user's directory."""
+    monkeypatch.delenv("GENESIS_MLX_TOKENIZER", raising=False)
+    _, path = tiny_with_real_vocab
+    bare = convert(str(path), str(tmp_path / "bare"), with_tokenizer=False)
+    full = convert(str(path), str(tmp_path / "full"), tokenizer=tokenizer_path)
+    files = sorted(p.name for p in bare.iterdir())
+    with pytest.raises(GenesisError, match="has no tokenizer.*--tokenizer"):
+        load(str(bare))
+    result = cli("generate", "--model", str(bare), "--prompt", "hi")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "has no tokenizer" in result.stderr and "Traceback" not in result.stderr
+
+    _, given = load(str(bare), tokenizer=tokenizer_path)
+    _, written = load(str(full))
+    text = build_prompt([{"role": "user", "content": "Hi there"}])
+    assert given.encode(text) == written.encode(text)
+    assert given.eos_token_ids == written.eos_token_ids
+    assert sorted(p.name for p in bare.iterdir()) == files
+
+
+def test_the_cli_starts_without_importing_mlx_lm():
+    """The CLI re-executes itself to preload a BLAS: that first process must not pay
+    for mlx-lm and transformers (~2.5 s here)."""
+    code = ("import sys, genesis_mlx.cli.main, genesis_mlx.blas; "
+            "print(sorted(m for m in ('mlx_lm', 'transformers', 'mlx.core') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    import genesis_mlx as g
+    assert g.load is load and "stream_generate" in dir(g)

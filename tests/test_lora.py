@@ -158,6 +158,9 @@ def test_bad_input(trained, tmp_path, tokenizer_path):
     empty.mkdir()
     (empty / "train.jsonl").write_text("")
     one_line_error(cli(*base, "--data", str(empty)), "empty")
+    # said before the model loads: a model that would fail to load is not reached
+    no_model = ["lora", "--model", str(tmp_path / "missing"), "--train", "--iters", "1"]
+    one_line_error(cli(*no_model, "--data", str(empty)), "empty")
     # an existing adapter directory is not overwritten unasked
     before = (adapters / "adapters.safetensors").read_bytes()
     result = cli("lora", "--model", str(model_dir), "--train", "--data", str(data),

@@ -1,5 +1,7 @@
+from pathlib import Path
+
 from ..loading import load
-from ..tuning.lora import run_lora, training_args
+from ..tuning.lora import check_adapter_dir, check_data, run_lora, training_args
 
 
 def add_arguments(p):
@@ -33,6 +35,10 @@ def add_arguments(p):
 
 
 def run(args):
+    # Bad data or an adapter directory in the way: said before the model loads.
+    check_data(Path(args.data), args.train, args.test)
+    if args.train:
+        check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file, args.force)
     model, tokenizer = load(args.model, tokenizer=args.tokenizer)
     options = training_args(
         model=args.model, train=args.train, test=args.test, data=args.data,

@@ -77,6 +77,22 @@ def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], No
     return out
 
 
+def build_model_tokenizer(source: Optional[str], vocab_size: int):
+    """The Genesis tokenizer, checked to fit a checkpoint's embedding."""
+    tok = build_tokenizer(source)
+    if len(tok) > vocab_size:
+        raise GenesisError(
+            f"the tokenizer has {len(tok)} tokens but the checkpoint embeds only "
+            f"{vocab_size}; pass the GPT-NeoX tokenizer the model was trained with"
+        )
+    return tok
+
+
+def stop_token_ids(tok) -> list:
+    """Generation stops at <|im_end|> (end of a chat turn) or <|endoftext|>."""
+    return [chat_token_ids(tok)[1], tok.eos_token_id]
+
+
 def convert(
     hf_path: str = DEFAULT_REPO,
     mlx_path: str = "genesis-mlx-model",
@@ -98,12 +114,7 @@ def convert(
 
     source = resolve_source(hf_path)
     args, weights = load_reference_checkpoint(source)
-    tok = build_tokenizer(tokenizer) if with_tokenizer else None
-    if tok is not None and len(tok) > args.vocab_size:
-        raise GenesisError(
-            f"the tokenizer has {len(tok)} tokens but the checkpoint embeds only "
-            f"{args.vocab_size}; pass the GPT-NeoX tokenizer the model was trained with"
-        )
+    tok = build_model_tokenizer(tokenizer, args.vocab_size) if with_tokenizer else None
 
     target = DTYPES[dtype]
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
@@ -112,7 +123,7 @@ def convert(
     model.load_weights(list(weights.items()))
     config = asdict(args)
     if tok is not None:
-        config["eos_token_id"] = [chat_token_ids(tok)[1], tok.eos_token_id]
+        config["eos_token_id"] = stop_token_ids(tok)
     config["genesis_source"] = str(hf_path)
     config["genesis_mlx_format"] = FORMAT_VERSION
     if quantize_model:
