@@ -145,24 +145,35 @@ def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):
     assert np.abs(a - b).max() == 0.0
 
 
-def test_fox_cache_keeps_only_kv_heads(reference_checkpoint):
+def test_fox_cache_keeps_k_per_kv_head_and_v_per_head(reference_checkpoint):
+    """K is stored once per KV head (not repeated for its query heads), V per query
+    head, contiguous, as each head's matrix-vector product with it reads it."""
     _, path = reference_checkpoint(**CONFIGS["gqa3"])  # 6 query heads, 2 KV heads
     model = mlx_model(path)
     cache = model.make_cache()
     model(mx.array(tokens(40)), cache=cache)
-    fox = cache[4]
-    keys, values = fox[1].state[0], fox[1].state[1]
-    assert keys.shape[1] == 2 and keys.shape[-1] == 16
-    assert values.shape[1] == 2 and values.shape[-1] == 3 * 16
+    _, first, second = cache[4].caches
+    (keys, placeholder), (values, cumsum) = first.keys_and_values(), second.keys_and_values()
+    assert keys.shape == (1, 2, 40, 16) and placeholder.shape == (1, 2, 40, 1)
+    assert values.shape == (1, 6, 40, 16) and cumsum.shape == (1, 6, 40, 1)
 
 
 KV32 = dict(n_embd=64, n_head=2, n_kv_head=1)  # head size 32: quantizable in groups of 32
 
 
 def fox_kv_bytes(cache):
-    from mlx_lm.models.cache import CacheList
+    """Bytes of the FoX layers' K and V buffers."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models.cache import CacheList, QuantizedKVCache
 
-    return sum(c.caches[1].nbytes for c in cache if isinstance(c, CacheList))
+    total = 0
+    for c in cache:
+        if isinstance(c, CacheList):
+            first, second = c.caches[1], c.caches[2]
+            k_and_v = ([first.keys, first.values] if isinstance(first, QuantizedKVCache)
+                       else [first.keys, second.keys])
+            total += sum(a.nbytes for _, a in tree_flatten(k_and_v))
+    return total
 
 
 def test_quantized_fox_cache_decodes_close_to_exact(reference_checkpoint, tmp_path):

@@ -196,3 +196,23 @@ def test_chat_session_turns_cost_only_their_own_tokens(demo_model):
     turn = tokenizer.encode(session.turn_text("And again"), add_special_tokens=False)
     assert calls[0] <= len(turn), "the second turn re-read the history"
     assert session.n_tokens > before and len(session.history) == 4
+
+
+def test_chat_session_of_an_older_cache_layout_is_refused(demo_model, tmp_path):
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+    import genesis_mlx as g
+    from genesis_mlx.errors import GenesisError
+    from genesis_mlx.generation.chat import ChatSession
+
+    model_dir, _ = demo_model
+    model, tokenizer = g.load(str(model_dir))
+    session = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), max_tokens=4)
+    "".join(session.ask("Hi"))
+    saved = session.save(str(tmp_path / "s"))
+    ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0)).load(str(saved))
+    cache, meta = load_prompt_cache(str(saved), return_metadata=True)
+    del meta["cache_layout"]
+    save_prompt_cache(str(tmp_path / "old.safetensors"), cache, meta)
+    with pytest.raises(GenesisError, match="older genesis-mlx.*new session"):
+        ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0)).load(str(tmp_path / "old"))

@@ -10,6 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
 from ..errors import GenesisError
+from ..model.genesis import CACHE_LAYOUT
 from .generate import SamplingOptions, prefill, stream_generate
 
 
@@ -125,7 +126,8 @@ class ChatSession:
             raise GenesisError(f"{target} exists and is not this session's file; save "
                                "under another name (or delete it first)")
         meta = {"history": json.dumps(self.history), "system_prompt": self.system_prompt,
-                "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer))}
+                "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer)),
+                "cache_layout": str(CACHE_LAYOUT)}
         save_prompt_cache(str(target), self.cache, meta)
         self.session_file = target.resolve()
         return target
@@ -138,6 +140,9 @@ class ChatSession:
             raise GenesisError(f"cannot load chat session {path} ({e})") from None
         if len(cache) != len(self.cache) or "history" not in meta:
             raise GenesisError(f"{path} is not a chat session saved for this model")
+        if meta.get("cache_layout") != str(CACHE_LAYOUT):
+            raise GenesisError(f"{path} was saved by an older genesis-mlx, whose decoding "
+                               "state this version lays out differently; start a new session")
         self.cache, self.history = cache, json.loads(meta["history"])
         self.system_prompt = meta["system_prompt"]
         self.n_tokens, self.open_answer = int(meta["n_tokens"]), meta["open_answer"] == "1"

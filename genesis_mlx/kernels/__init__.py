@@ -53,23 +53,24 @@ FOX_GROUPED_MAX_QUERIES = 64
 
 
 def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False,
-               v_grouped=False, quantized=None):
+               cached=False, quantized=None):
     """FoX attention: the kernel for long inference prefills where there is one,
     else the ops path (for a few queries against a cache: its grouped form; for long
-    CPU prefills: spread over the cores). ``v_grouped``: v is [B, Hkv, Tk, n_rep * D]
-    (the cache's layout) instead of [B, H, Tk, D]. ``quantized=(group_size, bits)``:
-    k and v are mx.quantize triples (a quantized cache)."""
-    Tq = q.shape[2]
+    CPU prefills: spread over the cores). ``cached``: k and v come from a FoX cache,
+    where v is per head [B, H, Tk, D] or, in a quantized cache, grouped by KV head
+    [B, Hkv, Tk, n_rep * D]. ``quantized=(group_size, bits)``: k and v are
+    mx.quantize triples."""
+    H, Tq = q.shape[1], q.shape[2]
     backend = gpu_backend()
     use_kernel = not training and backend is not None and (
         Tq >= FOX_KERNEL_MIN_QUERIES or backend == "emulate")
-    if v_grouped and Tq <= FOX_GROUPED_MAX_QUERIES and not use_kernel:
+    if cached and Tq <= FOX_GROUPED_MAX_QUERIES and not use_kernel:
         return fox_attention_grouped(q, k, v, cumsum_q, cumsum_k, scale, key_start, quantized)
     if quantized is not None:
         group_size, bits = quantized
         k, v = (mx.dequantize(*a, group_size=group_size, bits=bits) for a in (k, v))
-    if v_grouped:
-        v = ungroup_values(v, q.shape[1])
+    if v.shape[1] != H:
+        v = ungroup_values(v, H)
     if use_kernel:
         return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     if use_cpu_streams(Tq, training):

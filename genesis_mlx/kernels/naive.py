@@ -174,9 +174,10 @@ def fox_attention_grouped(
 ) -> mx.array:
     """``fox_attention`` for a few queries against a cache, without copying it.
 
-    v_grouped: [B, Hkv, Tk, n_rep * D], V as the cache stores it (``group_values``).
-    Queries of one group share one product with V, which also forms the cross terms
-    r != h (n_rep times the work of a per-head product); that costs less than
+    v_grouped: V as the cache stores it: per head [B, H, Tk, D], or grouped by KV
+    head [B, Hkv, Tk, n_rep * D] (``group_values``; the quantized cache). Grouped,
+    the queries of one group share one product with V, which also forms the cross
+    terms r != h (n_rep times the work of a per-head product); that costs less than
     materializing V per head for a handful of queries.
     ``quantized=(group_size, bits)``: k and v_grouped are mx.quantize triples (an
     8-bit cache), multiplied without dequantizing.
@@ -203,7 +204,10 @@ def fox_attention_grouped(
         allowed = (after_padding if allowed is None else allowed[None] & after_padding)[:, None]
     if allowed is not None:
         scores = mx.where(allowed, scores, -mx.inf)
-    weights = softmax(scores, axis=-1).reshape(B, Hkv, n_rep * Tq, Tk)
+    weights = softmax(scores, axis=-1)
+    if kv_heads(v_grouped) == H:
+        return cache_product(weights, v_grouped, False, quantized)
+    weights = weights.reshape(B, Hkv, n_rep * Tq, Tk)
     every_pair = cache_product(weights, v_grouped, False, quantized)
     every_pair = every_pair.reshape(B, Hkv, n_rep, Tq, n_rep, D)
     own_head = mx.eye(n_rep, dtype=mx.bool_)[:, None, :, None]

@@ -138,6 +138,10 @@ def unsupported_config_reason(args: ModelArgs) -> Optional[str]:
 # 255 empty slots per layer: at a short context that is most of the cache).
 FOX_CACHE_STEP = 64
 
+# What make_cache's entries hold; saved chat sessions record it. 2: a FoX layer's
+# exact cache keeps V per head beside the forget gates' cumsum (1: V grouped with K).
+CACHE_LAYOUT = 2
+
 
 def check_kv_bits(bits: Optional[int]):
     if bits not in (None, 4, 8):
@@ -490,6 +494,16 @@ class GatedLinearAttention(nn.Module):
         return self.o_proj(norm(out, gate).reshape(B, 1, self.value_dim))
 
 
+def last_cumsum(cache) -> mx.array:
+    """The forget gates' running sum at the last cached token [B, H, 1] (0 if none).
+    The exact layout keeps it beside V, the quantized one in a cache of its own."""
+    _, first, second = cache
+    if second.offset == 0:
+        return mx.zeros((1, 1, 1))
+    held = second.keys if isinstance(first, QuantizedKVCache) else second.values
+    return held[:, :, second.offset - 1, 0][..., None]
+
+
 class ForgettingAttention(nn.Module):
     """FoX layer: softmax attention plus the forget-gate bias c_i - c_j, where c is
     the cumulative sum of log sigmoid(fgate). No positional embedding."""
@@ -540,19 +554,27 @@ class ForgettingAttention(nn.Module):
         B, H, T, D = q.shape
         cumsum = mx.cumsum(log_f, axis=-1)
         key_start = None
+        quantized = None
         if cache is None:
             cumsum_all, k_all, v_all = cumsum, k, v
             if pad_mask is not None:
                 key_start = T - pad_mask.sum(axis=1).astype(mx.int32)
         else:
-            conv_cache, kv_cache, cumsum_cache = cache
-            if cumsum_cache.offset > 0:
-                cumsum = cumsum + cumsum_cache.keys[:, :, cumsum_cache.offset - 1, 0][..., None]
-            # V is stored grouped by KV head: [B, Hkv, T, n_rep * D], not repeated.
-            k_all, v_all = kv_cache.update_and_fetch(k, kernels.group_values(v, k.shape[1]))
-            # KVCache needs values too; a zero-width array would do, but saving one
-            # crashes MLX's CUDA backend (0.32.4), so the 4 bytes/head/token repeat.
-            cumsum_all, _ = cumsum_cache.update_and_fetch(cumsum[..., None], cumsum[..., None])
+            conv_cache, first, second = cache
+            cumsum = cumsum + last_cumsum(cache)
+            if isinstance(first, QuantizedKVCache):
+                # Quantized K and V together, V grouped by KV head ([B, Hkv, T, n_rep * D]:
+                # a KVCache keeps keys and values with the same heads); the cumsum exact.
+                k_all, v_all = first.update_and_fetch(k, kernels.group_values(v, k.shape[1]))
+                cumsum_all, _ = second.update_and_fetch(cumsum[..., None], cumsum[..., None])
+                quantized = (first.group_size, first.bits)
+            else:
+                # K beside a one-column placeholder; V per head beside its cumsum, so
+                # that each head's product with V is a matrix-vector product on
+                # contiguous rows (grouped V made it a small matrix product, which the
+                # CPU's BLAS runs by first copying V: ~4 ms of a token at 2048).
+                k_all, _ = first.update_and_fetch(k, mx.zeros(k.shape[:3] + (1,), k.dtype))
+                v_all, cumsum_all = second.update_and_fetch(v, cumsum[..., None])
             cumsum_all = cumsum_all[..., 0]
             # Left padding seen so far: keys before it stay masked for good.
             n_pad = conv_cache[1]
@@ -560,11 +582,8 @@ class ForgettingAttention(nn.Module):
                 n_pad = (0 if n_pad is None else n_pad) + (T - pad_mask.sum(axis=1).astype(mx.int32))
                 conv_cache[1] = n_pad
             key_start = n_pad
-        quantized = None
-        if cache is not None and isinstance(cache[1], QuantizedKVCache):
-            quantized = (cache[1].group_size, cache[1].bits)
         return kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, self.scale, key_start,
-                                  training=self.training, v_grouped=cache is not None,
+                                  training=self.training, cached=cache is not None,
                                   quantized=quantized)
 
     def output(self, out, x):
@@ -854,10 +873,12 @@ class Model(nn.Module):
         caches = []
         for block in self.blocks:
             if block.is_fox:
-                kv = KVCache() if kv_bits is None else QuantizedKVCache(kv_group_size, kv_bits)
-                cumsum = KVCache()
-                kv.step = cumsum.step = FOX_CACHE_STEP
-                caches.append(CacheList(ArraysCache(2), kv, cumsum))
+                # Exact: (K, placeholder), (V per head, cumsum). Quantized: (K, V grouped
+                # by KV head), (cumsum, cumsum). See ForgettingAttention.attend.
+                first = KVCache() if kv_bits is None else QuantizedKVCache(kv_group_size, kv_bits)
+                second = KVCache()
+                first.step = second.step = FOX_CACHE_STEP
+                caches.append(CacheList(ArraysCache(2), first, second))
             else:
                 caches.append(ArraysCache(3))
         if self.args.use_ttt:
