@@ -165,7 +165,7 @@ def ungroup_values(v_grouped: mx.array, n_heads: int) -> mx.array:
 def fox_attention_grouped(
     q: mx.array,
     k,
-    v_grouped,
+    v_cached,
     cumsum_q: mx.array,
     cumsum_k: mx.array,
     scale: float,
@@ -174,12 +174,12 @@ def fox_attention_grouped(
 ) -> mx.array:
     """``fox_attention`` for a few queries against a cache, without copying it.
 
-    v_grouped: V as the cache stores it: per head [B, H, Tk, D], or grouped by KV
+    v_cached: V as the cache stores it: per head [B, H, Tk, D], or grouped by KV
     head [B, Hkv, Tk, n_rep * D] (``group_values``; the quantized cache). Grouped,
     the queries of one group share one product with V, which also forms the cross
     terms r != h (n_rep times the work of a per-head product); that costs less than
     materializing V per head for a handful of queries.
-    ``quantized=(group_size, bits)``: k and v_grouped are mx.quantize triples (an
+    ``quantized=(group_size, bits)``: k and v_cached are mx.quantize triples (an
     8-bit cache), multiplied without dequantizing.
     """
     B, H, Tq, D = q.shape
@@ -205,10 +205,10 @@ def fox_attention_grouped(
     if allowed is not None:
         scores = mx.where(allowed, scores, -mx.inf)
     weights = softmax(scores, axis=-1)
-    if kv_heads(v_grouped) == H:
-        return cache_product(weights, v_grouped, False, quantized)
+    if kv_heads(v_cached) == H:
+        return cache_product(weights, v_cached, False, quantized)
     weights = weights.reshape(B, Hkv, n_rep * Tq, Tk)
-    every_pair = cache_product(weights, v_grouped, False, quantized)
+    every_pair = cache_product(weights, v_cached, False, quantized)
     every_pair = every_pair.reshape(B, Hkv, n_rep, Tq, n_rep, D)
     own_head = mx.eye(n_rep, dtype=mx.bool_)[:, None, :, None]
     out = mx.where(own_head, every_pair, 0.0).sum(axis=-2)

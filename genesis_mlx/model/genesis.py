@@ -569,10 +569,11 @@ class ForgettingAttention(nn.Module):
                 cumsum_all, _ = second.update_and_fetch(cumsum[..., None], cumsum[..., None])
                 quantized = (first.group_size, first.bits)
             else:
-                # K beside a one-column placeholder; V per head beside its cumsum, so
-                # that each head's product with V is a matrix-vector product on
-                # contiguous rows (grouped V made it a small matrix product, which the
-                # CPU's BLAS runs by first copying V: ~4 ms of a token at 2048).
+                # V per head beside its cumsum, so that each head's product with V is
+                # a matrix-vector product on contiguous rows (grouped V made it a small
+                # matrix product, which the CPU's BLAS runs by first copying V: ~5 ms
+                # of a token at 2048). K beside a one-column placeholder: a zero-width
+                # one would do, but saving it crashes MLX's CUDA backend (0.32.4).
                 k_all, _ = first.update_and_fetch(k, mx.zeros(k.shape[:3] + (1,), k.dtype))
                 v_all, cumsum_all = second.update_and_fetch(v, cumsum[..., None])
             cumsum_all = cumsum_all[..., 0]
