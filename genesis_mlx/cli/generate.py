@@ -15,7 +15,8 @@ def add_model_arguments(p):
                    help="Hub repo id, converted model directory or reference .safetensors")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
     p.add_argument("--tokenizer", default=None,
-                   help="tokenizer.json for converting a raw checkpoint offline")
+                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline or "
+                   "for a model directory without a tokenizer")
     p.add_argument("--ttt", choices=["on", "off"], default="on",
                    help="test-time training while decoding (default on)")
     p.add_argument("--kv-bits", type=int, default=None,

@@ -85,8 +85,10 @@ def fox_rows(backend):
             q1, c1 = q[:, :, -1:], c[..., -1:]
             rows.append(("FoX decode at 2048, per layer", "ops",
                          median_ms(lambda: fox_attention(q1, k, v, c1, c, scale))))
+            rows.append(("FoX decode at 2048, per layer", "ops, exact cache (V per head)",
+                         median_ms(lambda: fox_attention_grouped(q1, k, v, c1, c, scale))))
             v_grouped = mx.contiguous(group_values(v, 3))
-            rows.append(("FoX decode at 2048, per layer", "ops, grouped cache (the model's)",
+            rows.append(("FoX decode at 2048, per layer", "ops, V grouped (quantized cache's)",
                          median_ms(lambda: fox_attention_grouped(q1, k, v_grouped, c1, c, scale))))
             if backend:
                 rows.append(("FoX prefill 2048, per layer", backend, median_ms(kernel, reps=5)))
