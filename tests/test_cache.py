@@ -120,7 +120,7 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
     x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
     general, lean = ([cache[0][i] for i in range(3)] for _ in range(2))
     want = np.array(block.attn(x, general))
-    got = np.array(block.attn.decode_token(x, lean))
+    got = np.array(block.attn.decode_token(x[:, 0], lean, block.decode_views()["attn"]))[:, None]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     for a, b in zip(general, lean):
         if a is None:
@@ -128,6 +128,32 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
             continue
         a, b = np.array(a), np.array(b)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
+
+
+def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
+    """The compiled steps read views of the weights (W^T, stacked conv weights, norm
+    gains), made when decoding first ran: after model.update, a decoding step must
+    use the new weights, as the full forward does."""
+    from mlx.utils import tree_map
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    ids = tokens(40)
+    cache = model.make_cache()
+    model(mx.array(ids[:, :30]), cache=cache)
+    for t in range(30, 35):
+        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    block_updates = [{"attn": {"q_proj": {"weight": b.attn.q_proj.weight * 1.5},
+                               "o_proj": {"weight": b.attn.o_proj.weight * 0.5}},
+                      "ffn": {"up_proj": {"weight": b.ffn.up_proj.weight * 2.0}},
+                      "attn_norm": tree_map(lambda a: a + 0.3, b.attn_norm.parameters())}
+                     for b in model.blocks]
+    model.update({"blocks": block_updates})
+    cache = model.make_cache()
+    model(mx.array(ids[:, :35]), cache=cache)
+    got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
+    want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
+    assert np.abs(got - want).max() <= logits_tolerance(want)
 
 
 def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):

@@ -263,6 +263,22 @@ def test_fast_math_equals_mlx():
     assert rel(mx.softmax(scores, axis=-1), fastmath.softmax(scores)) <= 1e-6
 
 
+def test_softmax_flushes_weights_below_the_smallest_normal():
+    """FoX scores biased by a long context's forget gates spread over ~1000: the
+    weights float32 can hold match float64 softmax, the rest are exactly 0."""
+    from genesis_mlx import fastmath
+
+    scores = np.concatenate([np.linspace(-1500.0, 0.0, 2048), [3.0, -86.0, -88.0, -104.0]])
+    got = np.array(fastmath.softmax(mx.array(scores[None], mx.float32)))[0]
+    unnormalized = np.exp(scores - scores.max())
+    exact = unnormalized / unnormalized.sum()
+    # float32 rounding decides the entries within a factor 2 of the threshold.
+    normal, tiny = unnormalized >= 2.0**-125, unnormalized < 2.0**-127
+    assert normal.sum() > 60 and tiny.sum() > 1900
+    np.testing.assert_allclose(got[normal], exact[normal], rtol=2e-5)
+    assert (got[tiny] == 0).all()
+
+
 # Every thread attribute mx.fast.metal_kernel knows (it declares one in the kernel's
 # signature only when the name occurs in the source it is given, not in the header).
 MLX_METAL_ATTRIBUTES = (

@@ -155,6 +155,11 @@ def check_kv_quantization(args: ModelArgs, bits: int, group_size: int):
                            f"the head size ({args.head_dim})")
 
 
+def norm_gain(norm: nn.Module) -> mx.array:
+    """What an RMSNorm multiplies by: 1 + omega (zero-centered) or its weight."""
+    return 1.0 + norm.omega if "omega" in norm else norm.weight
+
+
 class ZeroCenteredRMSNorm(nn.Module):
     """RMSNorm whose gain is 1 + omega (omega is what the checkpoint stores)."""
 
@@ -164,7 +169,7 @@ class ZeroCenteredRMSNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x):
-        return mx.fast.rms_norm(x, 1.0 + self.omega, self.eps)
+        return mx.fast.rms_norm(x, norm_gain(self), self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -237,6 +242,42 @@ def causal_conv_with_tail(convs, inputs, tail, kernel_size):
         outputs.append(conv(history[..., start : start + width]))
         start += width
     return outputs, history[:, -(kernel_size - 1) :]
+
+
+def short_convs_token(raw, tail, weight, segments):
+    """causal_conv_with_tail for one token (raw [B, C], several convs' inputs side by
+    side) as one product with their weights stacked [K, C] (GenesisBlock.decode_views).
+    ``segments``: (width, activation) of consecutive outputs. -> outputs, new tail"""
+    history = mx.concatenate([tail, raw[:, None]], axis=1)
+    mixed = (history * weight).sum(axis=1)
+    outputs, start = [], 0
+    for width, activation in segments:
+        y = mixed[:, start : start + width]
+        outputs.append(silu(y) if activation else y)
+        start += width
+    return outputs, history[:, 1:]
+
+
+def stacked_conv_weights(convs) -> mx.array:
+    """Short convs' weights [C_i, K, 1] -> [K, sum C_i]."""
+    return mx.concatenate([c.conv.weight[..., 0].T for c in convs], axis=1)
+
+
+def transposed_weight(layer: nn.Module) -> Optional[mx.array]:
+    """W^T of a plain bias-free nn.Linear as an evaluated view of W (no copy): a
+    compiled step that takes it as an input multiplies by it directly, where
+    ``layer(x)`` adds a transpose node every call. None for other layers (LoRA,
+    quantized, with a bias): those are called as they are."""
+    if type(layer) is not nn.Linear or "bias" in layer:
+        return None
+    view = layer.weight.T
+    mx.eval(view)
+    return view
+
+
+def linear(x, layer: nn.Module, weight_t: Optional[mx.array] = None):
+    """layer(x), by its ``transposed_weight`` where there is one."""
+    return layer(x) if weight_t is None else x @ weight_t
 
 
 def l2_normalize(x, eps=1e-6):
@@ -372,8 +413,8 @@ class GatedLinearAttention(nn.Module):
         else:
             self.g_norm = RMSNorm(self.head_v_dim, 1e-5)
 
-    def log_decay(self, x):
-        gk = self.gk_proj(x).astype(mx.float32)
+    def log_decay(self, x, gk_proj_t=None):
+        gk = linear(x, self.gk_proj, gk_proj_t).astype(mx.float32)
         if self.use_mamba_gate:
             return -mx.exp(self.A_log.astype(mx.float32)) * nn.softplus(
                 gk + self.dt_bias.astype(mx.float32)
@@ -456,42 +497,44 @@ class GatedLinearAttention(nn.Module):
             cos, sin = mx.where(in_table, table_cos, cos), mx.where(in_table, table_sin, sin)
         return cos, sin
 
-    def decode_token(self, x, cache):
-        """__call__ for one token against a cache (x [B, 1, C]): the same math in fewer
-        graph nodes, for the CPU, where each node costs 2-8 us (measured) and the
-        block's compiled step had 117 of them (100 now). Query heads are viewed as
-        [groups, KV heads] (head h reads KV head h % n_kv_head), so K and V are
-        broadcast instead of copied; RoPE is a product (rope_as_products); the state
-        update is one fused op. GPUs keep __call__ (and its recurrent kernel)."""
-        if kernels.gpu_backend() is not None:
-            return self(x, cache)
-        B, H, Hkv = x.shape[0], self.n_head, self.n_kv_head
+    def decode_token(self, h, cache, views):
+        """__call__ for one token against a cache on the CPU (h [B, C], normalized): the
+        same math in fewer graph nodes (each costs ~5 us per token there, measured).
+        Rows stay 2-D; q, k and v go through the short convs as one product with
+        ``views["conv"]`` (see GenesisBlock.decode_views), q and k through one norm
+        and one RoPE product; query heads are viewed as [groups, KV heads] (head h
+        reads KV head h % n_kv_head), so K and V are broadcast instead of copied. GPUs
+        keep __call__ (and its recurrent kernel)."""
+        B, H, Hkv = h.shape[0], self.n_head, self.n_kv_head
         Dk, Dv = self.head_qk_dim, self.head_v_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        tail = cache[0]
+        raw = mx.concatenate([linear(h, self[name], views.get(name))
+                              for name in ("q_proj", "k_proj", "v_proj")], axis=-1)
         if self.use_short_conv:
-            (q, k, v), tail = causal_conv_with_tail(
-                [self.conv_q, self.conv_k, self.conv_v], [q, k, v], tail, self.conv_size)
-        q = q.reshape(B, H // Hkv, Hkv, Dk).astype(mx.float32)
-        k = k.reshape(B, 1, Hkv, Dk).astype(mx.float32)
-        v = v.reshape(B, 1, Hkv, Dv).astype(mx.float32)
-        if self.use_l2_norm:
-            q, k = l2_normalize(q), l2_normalize(k)
+            segments = [((H + Hkv) * Dk, self.conv_q.activation), (Hkv * Dv, self.conv_v.activation)]
+            (qk, v), tail = short_convs_token(raw, cache[0], views["conv"], segments)
         else:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rope_cos_sin(cache[2].reshape(B, 1, 1, 1))
-        q = q * cos + (q @ self._rope_rotate) * sin
-        k = k * cos + (k @ self._rope_rotate) * sin
+            (qk, v), tail = (raw[:, : (H + Hkv) * Dk], raw[:, (H + Hkv) * Dk :]), cache[0]
+        qk = qk.astype(mx.float32).reshape(B, H + Hkv, Dk)
+        v = v.astype(mx.float32)
+        if self.use_l2_norm:
+            qk = l2_normalize(qk)
+        else:
+            qk = mx.concatenate([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], axis=1)
+        cos, sin = self.rope_cos_sin(cache[2].reshape(B, 1, 1))
+        qk = qk * cos + (qk @ self._rope_rotate) * sin
+        q = qk[:, :H].reshape(B, H // Hkv, Hkv, Dk)
+        k = qk[:, H:].reshape(B, 1, Hkv, Dk)
+        v = v.reshape(B, 1, Hkv, Dv)
 
-        decay = exp(self.log_decay(x)).reshape(B, H // Hkv, Hkv, 1, 1)
+        decay = exp(self.log_decay(h, views.get("gk_proj"))).reshape(B, H // Hkv, Hkv, 1, 1)
         state = decay * cache[1].reshape(B, H // Hkv, Hkv, Dk, Dv) + k[..., None] * v[..., None, :]
         out = (q[..., None, :] @ state) * self.scale
         cache[0], cache[1], cache[2] = tail, state.reshape(B, H, Dk, Dv), cache[2] + 1
 
-        out = out.astype(x.dtype).reshape(B, 1, H, Dv)
-        gate = self.g_proj(x).reshape(B, 1, H, Dv)
+        out = out.astype(h.dtype).reshape(B, H, Dv)
+        gate = linear(h, self.g_proj, views.get("g_proj")).reshape(B, H, Dv)
         norm = getattr(self, "g_norm_swish_gate", None) or self.g_norm
-        return self.o_proj(norm(out, gate).reshape(B, 1, self.value_dim))
+        return linear(norm(out, gate).reshape(B, self.value_dim), self.o_proj, views.get("o_proj"))
 
 
 def last_cumsum(cache) -> mx.array:
@@ -548,6 +591,30 @@ class ForgettingAttention(nn.Module):
         if pad_mask is not None:
             log_f = mx.where(pad_mask[:, None, :], log_f, 0.0)
         return q, k, v, log_f, tail
+
+    def project_token(self, h, tail, views):
+        """project() for one token on the CPU (h [B, C]) in fewer graph nodes, as
+        GatedLinearAttention.decode_token: q [B, H, 1, D], k [B, Hkv, 1, D],
+        v [B, H, 1, D], log forget gate [B, H, 1], the new tail."""
+        B, H, Hkv, D = h.shape[0], self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = (linear(h, self[name], views.get(name)) for name in ("q_proj", "k_proj", "v_proj"))
+        if self.pro:
+            segments = [(Hkv * D, self.k_conv.activation), (H * D, self.v_conv.activation)]
+            (k, v), tail = short_convs_token(mx.concatenate([k, v], axis=-1), tail,
+                                             views["conv"], segments)
+            q, k = self.q_norm(q), self.k_norm(k)
+        log_f = nn.log_sigmoid(self.fgate_proj(h).astype(mx.float32))
+        return (q.reshape(B, H, 1, D), k.reshape(B, Hkv, 1, D), v.reshape(B, H, 1, D),
+                log_f[..., None], tail)
+
+    def output_token(self, out, h, views):
+        """output() for one token: out [B, H, 1, D], h [B, C] -> [B, C]."""
+        B, H, _, D = out.shape
+        out = out.astype(h.dtype).reshape(B, H, D)
+        if self.pro:
+            gate = linear(h, self.ogate_proj, views.get("ogate_proj")).reshape(B, H, D)
+            out = self.output_norm(out, gate)
+        return linear(out.reshape(B, H * D), self.o_proj, views.get("o_proj"))
 
     def attend(self, q, k, v, log_f, cache=None, pad_mask=None):
         """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
@@ -624,11 +691,14 @@ class SwiGLU(nn.Module):
         threshold = mx.topk(magnitude, k, axis=-1).min(axis=-1, keepdims=True)
         return magnitude >= threshold
 
-    def __call__(self, x):
-        hidden = silu(self.gate_proj(x)) * self.up_proj(x)
+    def __call__(self, x, views=None):
+        """``views``: transposed weights (GenesisBlock.decode_views)."""
+        views = views or {}
+        hidden = silu(linear(x, self.gate_proj, views.get("gate_proj"))) * linear(
+            x, self.up_proj, views.get("up_proj"))
         if self.selective and not self.training and self.k_ratio < 1.0:
             hidden = mx.where(self.topk_mask(hidden), hidden, 0)
-        return self.down_proj(hidden)
+        return linear(hidden, self.down_proj, views.get("down_proj"))
 
 
 def compile_with_cache(apply, module: nn.Module, n_state: int):
@@ -678,25 +748,81 @@ class GenesisBlock(nn.Module):
         the GLA layers compiled; on the CPU each costs 3-13 us, and fp32 decoding is
         memory-bound there). GLA: the whole layer. FoX: all but the K/V cache update and
         attention, whose shapes grow with every token."""
-        if getattr(self, "_compiled_step", None) is None:
-            self._compiled_step = self.compile_fox_step() if self.is_fox else self.compile_gla_step()
-        return self._compiled_step(x, cache)
+        if self.decode_views_current():
+            return self._compiled_step(x, cache)
+        self._decode = self.decode_views()
+        self._compiled_step = self.compile_fox_step() if self.is_fox else self.compile_gla_step()
+        out = self._compiled_step(x, cache)
+        # After the first (tracing) call: it hands the parameters back in new wrappers.
+        # Plain attributes, kept out of the module's tree (the compiled steps' inputs).
+        parts = self.decode_parts()
+        object.__setattr__(self, "_decode_parts", parts)
+        object.__setattr__(self, "_decode_sources", [owner.get(key) for owner, key in parts])
+        return out
+
+    def decode_parts(self) -> list:
+        """(owner, key) of every module and array the decode views derive from."""
+        attn, ffn = self.attn, self.ffn
+        modules = [(attn, n) for n in attn.children()] + [(ffn, n) for n in ffn.children()]
+        arrays = [(m[n], "weight") for m, n in modules if n.endswith("_proj")]
+        convs = [(m[n].conv, "weight") for m, n in modules if isinstance(m[n], ShortConvolution)]
+        norms = [(norm, "omega" if "omega" in norm else "weight")
+                 for norm in (self.attn_norm, self.ffn_norm)]
+        return modules + arrays + convs + norms
+
+    def decode_views(self) -> dict:
+        """Arrays the compiled decoding step reads in place of deriving them from the
+        parameters every token (a graph node each, ~5 us per token on the CPU, where
+        a token was ~3300 nodes): every plain Linear's W^T (a view: no copy), the
+        short convs' weights stacked [K, channels], the norms' gains. Rebuilt when
+        a parameter or layer is replaced (weights loaded, LoRA, fuse)."""
+        attn, ffn = self.attn, self.ffn
+        linears = lambda module: {name: t for name, t in (
+            (name, transposed_weight(child)) for name, child in module.children().items()
+            if name.endswith("_proj")) if t is not None}
+        views = {"attn": linears(attn), "ffn": linears(ffn),
+                 "attn_norm": norm_gain(self.attn_norm), "ffn_norm": norm_gain(self.ffn_norm)}
+        convs = [attn[n] for n in ("conv_q", "conv_k", "conv_v", "k_conv", "v_conv") if n in attn]
+        if convs:
+            views["attn"]["conv"] = stacked_conv_weights(convs)
+        mx.eval(views)
+        return views
+
+    def decode_views_current(self) -> bool:
+        """Whether every module and array the views derive from is still in place
+        (an identity check per part: ~10 us per layer)."""
+        sources = getattr(self, "_decode_sources", None)
+        if sources is None or getattr(self, "_compiled_step", None) is None:
+            return False
+        return all(owner.get(key) is old for (owner, key), old in zip(self._decode_parts, sources))
+
+    def ffn_token(self, x):
+        """x + FFN(x) for one token, x [B, C]."""
+        views = self._decode
+        h = mx.fast.rms_norm(x, views["ffn_norm"], self.ffn_norm.eps)
+        return x + self.ffn(h, views["ffn"])
 
     def compile_gla_step(self):
         def step(x, cache):
-            x = x + self.attn.decode_token(self.attn_norm(x), cache)
-            return x + self.ffn(self.ffn_norm(x))
+            B, _, C = x.shape
+            x = x.reshape(B, C)
+            views = self._decode
+            h = mx.fast.rms_norm(x, views["attn_norm"], self.attn_norm.eps)
+            x = x + self.attn.decode_token(h, cache, views["attn"])
+            return self.ffn_token(x).reshape(B, 1, C)
 
         return compile_with_cache(step, self, 3)
 
     def compile_fox_step(self):
         def before(x, tail):
-            h = self.attn_norm(x)
-            return (h, *self.attn.project(h, tail))
+            x = x.reshape(x.shape[0], x.shape[2])
+            h = mx.fast.rms_norm(x, self._decode["attn_norm"], self.attn_norm.eps)
+            return (h, *self.attn.project_token(h, tail, self._decode["attn"]))
 
         def after(x, h, attention):
-            x = x + self.attn.output(attention, h)
-            return x + self.ffn(self.ffn_norm(x))
+            B, _, C = x.shape
+            x = x.reshape(B, C) + self.attn.output_token(attention, h, self._decode["attn"])
+            return self.ffn_token(x).reshape(B, 1, C)
 
         before = mx.compile(before, inputs=self.state)
         after = mx.compile(after, inputs=self.state)
