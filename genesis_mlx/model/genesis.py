@@ -619,7 +619,7 @@ class ForgettingAttention(nn.Module):
     def attend(self, q, k, v, log_f, cache=None, pad_mask=None):
         """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
         B, H, T, D = q.shape
-        cumsum = mx.cumsum(log_f, axis=-1)
+        cumsum = mx.cumsum(log_f, axis=-1) if T > 1 else log_f
         key_start = None
         quantized = None
         if cache is None:
@@ -743,11 +743,11 @@ class GenesisBlock(nn.Module):
         return (cache[0][0] if self.is_fox else cache[0]) is not None
 
     def decode_step(self, x, cache):
-        """One decoding step with its stateless parts compiled, which removes the
-        dispatch overhead of many small ops (a step was ~3600 graph nodes with only
-        the GLA layers compiled; on the CPU each costs 3-13 us, and fp32 decoding is
-        memory-bound there). GLA: the whole layer. FoX: all but the K/V cache update and
-        attention, whose shapes grow with every token."""
+        """One token, x [B, C] -> [B, C], with the stateless parts compiled, which
+        removes the dispatch overhead of many small ops (a token was ~3600 graph nodes
+        with only the GLA layers compiled; on the CPU each costs ~5 us, most of it in
+        the thread that builds and dispatches the graph). GLA: the whole layer. FoX:
+        all but the K/V cache update and attention, whose shapes grow every token."""
         if self.decode_views_current():
             return self._compiled_step(x, cache)
         self._decode = self.decode_views()
@@ -804,25 +804,21 @@ class GenesisBlock(nn.Module):
 
     def compile_gla_step(self):
         def step(x, cache):
-            B, _, C = x.shape
-            x = x.reshape(B, C)
             views = self._decode
             h = mx.fast.rms_norm(x, views["attn_norm"], self.attn_norm.eps)
             x = x + self.attn.decode_token(h, cache, views["attn"])
-            return self.ffn_token(x).reshape(B, 1, C)
+            return self.ffn_token(x)
 
         return compile_with_cache(step, self, 3)
 
     def compile_fox_step(self):
         def before(x, tail):
-            x = x.reshape(x.shape[0], x.shape[2])
             h = mx.fast.rms_norm(x, self._decode["attn_norm"], self.attn_norm.eps)
             return (h, *self.attn.project_token(h, tail, self._decode["attn"]))
 
         def after(x, h, attention):
-            B, _, C = x.shape
-            x = x.reshape(B, C) + self.attn.output_token(attention, h, self._decode["attn"])
-            return self.ffn_token(x).reshape(B, 1, C)
+            x = x + self.attn.output_token(attention, h, self._decode["attn"])
+            return self.ffn_token(x)
 
         before = mx.compile(before, inputs=self.state)
         after = mx.compile(after, inputs=self.state)
@@ -940,13 +936,16 @@ class Model(nn.Module):
         """inputs [B, T] -> logits [B, T, vocab]. ``pad_mask`` [B, T] (True = token)
         allows left padding: padded positions leave no trace in any state."""
         x = self.tok_emb(inputs)
+        B, T, C = x.shape
         layer_caches = cache[: len(self.blocks)] if cache is not None else [None] * len(self.blocks)
-        decode = cache is not None and inputs.shape[1] == 1 and pad_mask is None
+        decode = cache is not None and T == 1 and pad_mask is None
         for block, layer_cache in zip(self.blocks, layer_caches):
+            # Compiled decoding steps take rows [B, C] (a reshape node less each).
             if decode and not self.training and block.can_compile_step(layer_cache):
-                x = block.decode_step(x, layer_cache)
+                x = block.decode_step(x.reshape(B, C), layer_cache)
             else:
-                x = block(x, layer_cache, pad_mask)
+                x = block(x.reshape(B, T, C), layer_cache, pad_mask)
+        x = x.reshape(B, T, C)
         if self.ttt_active and decode and cache[-1][0] is not None:
             x = self.ttt_decode_step(x, cache[-1])
         elif self.ttt_active:
