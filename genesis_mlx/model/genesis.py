@@ -275,6 +275,16 @@ def transposed_weight(layer: nn.Module) -> Optional[mx.array]:
     return view
 
 
+def transposed_weights(module: nn.Module) -> dict:
+    """``transposed_weight`` of each of the module's projections that has one."""
+    views = {}
+    for name, child in module.children().items():
+        weight_t = transposed_weight(child) if name.endswith("_proj") else None
+        if weight_t is not None:
+            views[name] = weight_t
+    return views
+
+
 def linear(x, layer: nn.Module, weight_t: Optional[mx.array] = None):
     """layer(x), by its ``transposed_weight`` where there is one."""
     return layer(x) if weight_t is None else x @ weight_t
@@ -772,15 +782,12 @@ class GenesisBlock(nn.Module):
 
     def decode_views(self) -> dict:
         """Arrays the compiled decoding step reads in place of deriving them from the
-        parameters every token (a graph node each, ~5 us per token on the CPU, where
-        a token was ~3300 nodes): every plain Linear's W^T (a view: no copy), the
-        short convs' weights stacked [K, channels], the norms' gains. Rebuilt when
-        a parameter or layer is replaced (weights loaded, LoRA, fuse)."""
+        parameters every token (a graph node each): every plain Linear's W^T (a
+        view: no copy), the short convs' weights stacked [K, channels], the norms'
+        gains. Rebuilt when a parameter or layer is replaced (weights loaded, LoRA,
+        fuse)."""
         attn, ffn = self.attn, self.ffn
-        linears = lambda module: {name: t for name, t in (
-            (name, transposed_weight(child)) for name, child in module.children().items()
-            if name.endswith("_proj")) if t is not None}
-        views = {"attn": linears(attn), "ffn": linears(ffn),
+        views = {"attn": transposed_weights(attn), "ffn": transposed_weights(ffn),
                  "attn_norm": norm_gain(self.attn_norm), "ffn_norm": norm_gain(self.ffn_norm)}
         convs = [attn[n] for n in ("conv_q", "conv_k", "conv_v", "k_conv", "v_conv") if n in attn]
         if convs:
@@ -804,6 +811,10 @@ class GenesisBlock(nn.Module):
 
     def compile_gla_step(self):
         def step(x, cache):
+            if kernels.gpu_backend() is not None:  # __call__, with the recurrent kernel
+                x = x[:, None]
+                x = x + self.attn(self.attn_norm(x), cache)
+                return (x + self.ffn(self.ffn_norm(x)))[:, 0]
             views = self._decode
             h = mx.fast.rms_norm(x, views["attn_norm"], self.attn_norm.eps)
             x = x + self.attn.decode_token(h, cache, views["attn"])
