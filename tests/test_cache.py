@@ -120,7 +120,8 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
     x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
     general, lean = ([cache[0][i] for i in range(3)] for _ in range(2))
     want = np.array(block.attn(x, general))
-    got = np.array(block.attn.decode_token(x[:, 0], lean, block.decode_views()["attn"]))[:, None]
+    got = np.array(block.attn.o_proj(block.attn.decode_token(
+        x[:, 0], lean, block.decode_views()["attn"])))[:, None]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     for a, b in zip(general, lean):
         if a is None:
@@ -130,15 +131,61 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
 
 
+def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, monkeypatch):
+    """kernels.fox_decode_step (the token written into the cache's buffers, attention
+    over all their rows with those past it masked, compiled once per buffer size)
+    against the eager attend() it replaces: a left-padded batch decoding across the
+    cache's growth steps, logits and every cache array."""
+    from genesis_mlx.model.genesis import FOX_CACHE_STEP, ForgettingAttention
+
+    _, path = reference_checkpoint(**CONFIGS["gqa3"])
+    model = mlx_model(path)
+    for block in model.blocks:  # forget gates ~1: masked keys would weigh as much as any
+        if block.is_fox:
+            gate = block.attn.fgate_proj
+            gate.update({"weight": mx.zeros_like(gate.weight), "bias": mx.full(gate.bias.shape, 8.0)})
+    ids = np.stack([tokens(40, seed=1)[0], np.r_[np.zeros(15, np.int64), tokens(25, seed=2)[0]]])
+    mask = np.ones(ids.shape, bool)
+    mask[1, :15] = False
+    steps = tokens(FOX_CACHE_STEP + 40, B=2, seed=4)
+    used = []
+    compiled_step = ForgettingAttention.attend_token
+
+    def decode(use_compiled):
+        def attend_token(self, *args):
+            out = compiled_step(self, *args) if use_compiled else None
+            used.append(out is not None)
+            return out
+
+        monkeypatch.setattr(ForgettingAttention, "attend_token", attend_token)
+        cache = model.make_cache()
+        model(mx.array(ids), cache=cache, pad_mask=mx.array(mask))
+        logits = [np.array(model(mx.array(steps[:, j : j + 1]), cache=cache))
+                  for j in range(steps.shape[1])]
+        return np.concatenate(logits, axis=1), cache
+
+    got, got_cache = decode(True)
+    n_fox = sum(b.is_fox for b in model.blocks)
+    assert 0 < sum(used) < len(used) == n_fox * steps.shape[1]  # and growth steps eager
+    used.clear()
+    want, want_cache = decode(False)
+    assert not any(used)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+    for a, b in zip(cache_arrays(got_cache), cache_arrays(want_cache)):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+
 def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     """The compiled steps read views of the weights (W^T, stacked conv weights, norm
-    gains), made when decoding first ran: after model.update, a decoding step must
-    use the new weights, as the full forward does."""
+    gains) and W0's diagonality, found when decoding first ran: after model.update,
+    a decoding step must use the new weights, as the full forward does."""
     from mlx.utils import tree_map
 
     _, path = reference_checkpoint(**CONFIGS["gqa"])
     model = mlx_model(path)
     ids = tokens(40)
+    ttt = model.metacognition.ttt
+    ttt.W0 = mx.diag(mx.diagonal(ttt.W0))
     cache = model.make_cache()
     model(mx.array(ids[:, :30]), cache=cache)
     for t in range(30, 35):
@@ -148,7 +195,13 @@ def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
                       "ffn": {"up_proj": {"weight": b.ffn.up_proj.weight * 2.0}},
                       "attn_norm": tree_map(lambda a: a + 0.3, b.attn_norm.parameters())}
                      for b in model.blocks]
-    model.update({"blocks": block_updates})
+    # W0 diagonal while decoding started, then not: checked once per W0 (a product
+    # with a diagonal W0 equals the diagonal's, so only this direction can fail).
+    W0 = model.metacognition.ttt.W0
+    off_diagonal = 0.05 * mx.random.normal(W0.shape, key=mx.random.key(0))
+    model.update({"blocks": block_updates,
+                  "metacognition": {"ttt": {"W0": mx.diag(mx.diagonal(W0)) + off_diagonal}}})
+    assert not model.metacognition.ttt.w0_is_diagonal()
     cache = model.make_cache()
     model(mx.array(ids[:, :35]), cache=cache)
     got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))

@@ -5,7 +5,7 @@ gradients; a GPU kernel is used when the device has one and the call is inferenc
 
 import mlx.core as mx
 
-from .cpu import fox_attention_parallel, use_cpu_streams
+from .cpu import fox_attention_parallel, fox_decode_step, use_cpu_streams
 from .fox_attention import fox_attention_kernel
 from .gla_recurrent import gla_recurrent
 from .shared import gpu_backend
@@ -78,5 +78,5 @@ def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=Fals
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
-__all__ = ["group_values", "ungroup_values", "fox_attend", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
+__all__ = ["group_values", "ungroup_values", "fox_attend", "fox_decode_step", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
            "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]

@@ -247,12 +247,15 @@ def causal_conv_with_tail(convs, inputs, tail, kernel_size):
 def short_convs_token(raw, tail, weight, segments):
     """causal_conv_with_tail for one token (raw [B, C], several convs' inputs side by
     side) as one product with their weights stacked [K, C] (GenesisBlock.decode_views).
-    ``segments``: (width, activation) of consecutive outputs. -> outputs, new tail"""
+    ``segments``: (width, activation) of consecutive outputs. -> outputs [B, 1, width]
+    each, new tail"""
     history = mx.concatenate([tail, raw[:, None]], axis=1)
-    mixed = (history * weight).sum(axis=1)
+    mixed = (history * weight).sum(axis=1, keepdims=True)
+    if all(activation for _, activation in segments):  # one SiLU node for all
+        mixed, segments = silu(mixed), [(width, False) for width, _ in segments]
     outputs, start = [], 0
     for width, activation in segments:
-        y = mixed[:, start : start + width]
+        y = mixed[..., start : start + width]
         outputs.append(silu(y) if activation else y)
         start += width
     return outputs, history[:, 1:]
@@ -290,7 +293,16 @@ def linear(x, layer: nn.Module, weight_t: Optional[mx.array] = None):
     return layer(x) if weight_t is None else x @ weight_t
 
 
-def l2_normalize(x, eps=1e-6):
+def add_linear(residual, x, layer: nn.Module, weight_t: Optional[mx.array] = None):
+    """residual + layer(x), as one graph node where the layer has a
+    ``transposed_weight``."""
+    return residual + layer(x) if weight_t is None else mx.addmm(residual, x, weight_t)
+
+
+L2_EPS = 1e-6
+
+
+def l2_normalize(x, eps=L2_EPS):
     return x / (mx.linalg.norm(x, axis=-1, keepdims=True) + eps)
 
 
@@ -336,17 +348,22 @@ def rope_periods(inv_freq: np.ndarray) -> np.ndarray:
 
 def rope_as_products(head_dim: int, rotary_dim: int, inv_freq: np.ndarray):
     """What mx.fast.rope(traditional=False) does to the first ``rotary_dim`` dims of a
-    head, as constants for x * cos(p f) + (x @ R) * sin(p f): the frequencies f (0 on
-    the dims it leaves alone, so cos = 1 and sin = 0 there) and the rotate-half matrix
-    R. One small matmul and one fused op, where the CPU's rope is ~15 graph nodes."""
+    head, as constants for x * cos(p f) + rotate_half(x) * sin(p f): the frequencies
+    f (0 on the dims it leaves alone, so cos = 1 and sin = 0 there) and rotate-half,
+    (x1, x2) -> (-x2, x1), twice: as a matrix R (x @ R: prefill, where a small matmul
+    is 5x faster than a gather over [B, H, T, D]) and as the dims each output takes
+    with their signs (decoding: one gather node for all heads, where x @ R on them
+    is three). Either way each output is one signed input, exactly."""
     half = rotary_dim // 2
     freqs = np.zeros(head_dim, np.float32)
     freqs[:half] = freqs[half:rotary_dim] = inv_freq
+    source = np.arange(head_dim, dtype=np.int32)
+    source[:half], source[half:rotary_dim] = source[half:rotary_dim], source[:half].copy()
+    sign = np.zeros(head_dim, np.float32)
+    sign[:half], sign[half:rotary_dim] = -1.0, 1.0
     rotate_half = np.zeros((head_dim, head_dim), np.float32)
-    for i in range(half):  # (x1, x2) -> (-x2, x1)
-        rotate_half[half + i, i] = -1.0
-        rotate_half[i, half + i] = 1.0
-    return mx.array(freqs), mx.array(rotate_half)
+    rotate_half[source, np.arange(head_dim)] = sign
+    return mx.array(freqs), mx.array(rotate_half), (mx.array(source), mx.array(sign))
 
 
 class RopeTables(nn.Module):
@@ -393,7 +410,7 @@ class GatedLinearAttention(nn.Module):
         # Private (not parameters): RoPE constants of the prefill and one-token paths.
         inv_freq = rope_inverse_frequencies(args, self.rotary_dim)
         self._rope_periods = mx.array(rope_periods(inv_freq))
-        self._rope_freqs, self._rope_rotate = rope_as_products(
+        self._rope_freqs, self._rope_rotate, self._rope_gather = rope_as_products(
             self.head_qk_dim, self.rotary_dim, inv_freq)
         if args.rope_table_length:
             self.rope = RopeTables(args.rope_table_length, self.rotary_dim)
@@ -508,43 +525,47 @@ class GatedLinearAttention(nn.Module):
         return cos, sin
 
     def decode_token(self, h, cache, views):
-        """__call__ for one token against a cache on the CPU (h [B, C], normalized): the
-        same math in fewer graph nodes (each costs ~5 us per token there, measured).
-        Rows stay 2-D; q, k and v go through the short convs as one product with
+        """__call__ for one token against a cache on the CPU (h [B, C], normalized), up
+        to o_proj (the caller adds it to the residual in one node): the same math in
+        fewer graph nodes (each costs ~5 us per token there, measured). Rows stay
+        2-D; q, k and v go through the short convs as one product with
         ``views["conv"]`` (see GenesisBlock.decode_views), q and k through one norm
-        and one RoPE product; query heads are viewed as [groups, KV heads] (head h
-        reads KV head h % n_kv_head), so K and V are broadcast instead of copied. GPUs
-        keep __call__ (and its recurrent kernel)."""
+        and one RoPE product, as [B, groups + 1, Hkv, 1, Dk]: the query heads as
+        [groups, KV heads] (head h reads KV head h % n_kv_head), then the keys, so K
+        and V are broadcast instead of copied. GPUs keep __call__ (and its recurrent
+        kernel). -> [B, value_dim]"""
         B, H, Hkv = h.shape[0], self.n_head, self.n_kv_head
-        Dk, Dv = self.head_qk_dim, self.head_v_dim
+        G, Dk, Dv = H // Hkv, self.head_qk_dim, self.head_v_dim
         raw = mx.concatenate([linear(h, self[name], views.get(name))
                               for name in ("q_proj", "k_proj", "v_proj")], axis=-1)
+        width = (H + Hkv) * Dk
         if self.use_short_conv:
-            segments = [((H + Hkv) * Dk, self.conv_q.activation), (Hkv * Dv, self.conv_v.activation)]
+            segments = [(width, self.conv_q.activation), (Hkv * Dv, self.conv_v.activation)]
             (qk, v), tail = short_convs_token(raw, cache[0], views["conv"], segments)
         else:
-            (qk, v), tail = (raw[:, : (H + Hkv) * Dk], raw[:, (H + Hkv) * Dk :]), cache[0]
-        qk = qk.astype(mx.float32).reshape(B, H + Hkv, Dk)
-        v = v.astype(mx.float32)
-        if self.use_l2_norm:
-            qk = l2_normalize(qk)
+            (qk, v), tail = (raw[:, None, :width], raw[:, None, width:]), cache[0]
+        qk = qk.astype(mx.float32).reshape(B, G + 1, Hkv, 1, Dk)
+        cos, sin = self.rope_cos_sin(cache[2].reshape(B, 1, 1, 1, 1))
+        source, sign = views["rope_source"], self._rope_gather[1]
+        if self.use_l2_norm:  # rotate_half(x / |x|) = rotate_half(x) / |x|: fewer nodes
+            norm = mx.sqrt((qk * qk).sum(axis=-1, keepdims=True)) + L2_EPS
+            rotated = mx.take_along_axis(qk, source, axis=-1)
+            qk = (qk / norm) * cos + (rotated / norm) * (sin * sign)
         else:
-            qk = mx.concatenate([self.q_norm(qk[:, :H]), self.k_norm(qk[:, H:])], axis=1)
-        cos, sin = self.rope_cos_sin(cache[2].reshape(B, 1, 1))
-        qk = qk * cos + (qk @ self._rope_rotate) * sin
-        q = qk[:, :H].reshape(B, H // Hkv, Hkv, Dk)
-        k = qk[:, H:].reshape(B, 1, Hkv, Dk)
-        v = v.reshape(B, 1, Hkv, Dv)
+            qk = mx.concatenate([self.q_norm(qk[:, :G]), self.k_norm(qk[:, G:])], axis=1)
+            qk = qk * cos + mx.take_along_axis(qk, source, axis=-1) * (sin * sign)
+        q, k = qk[:, :G], qk[:, G:].swapaxes(-1, -2)
+        v = v.astype(mx.float32).reshape(B, 1, Hkv, 1, Dv)
 
-        decay = exp(self.log_decay(h, views.get("gk_proj"))).reshape(B, H // Hkv, Hkv, 1, 1)
-        state = decay * cache[1].reshape(B, H // Hkv, Hkv, Dk, Dv) + k[..., None] * v[..., None, :]
-        out = (q[..., None, :] @ state) * self.scale
+        decay = exp(self.log_decay(h, views.get("gk_proj"))).reshape(B, G, Hkv, 1, 1)
+        state = decay * cache[1].reshape(B, G, Hkv, Dk, Dv) + k * v
+        out = (q @ state) * self.scale
         cache[0], cache[1], cache[2] = tail, state.reshape(B, H, Dk, Dv), cache[2] + 1
 
         out = out.astype(h.dtype).reshape(B, H, Dv)
         gate = linear(h, self.g_proj, views.get("g_proj")).reshape(B, H, Dv)
         norm = getattr(self, "g_norm_swish_gate", None) or self.g_norm
-        return linear(norm(out, gate).reshape(B, self.value_dim), self.o_proj, views.get("o_proj"))
+        return norm(out, gate).reshape(B, self.value_dim)
 
 
 def last_cumsum(cache) -> mx.array:
@@ -608,23 +629,28 @@ class ForgettingAttention(nn.Module):
         v [B, H, 1, D], log forget gate [B, H, 1], the new tail."""
         B, H, Hkv, D = h.shape[0], self.n_head, self.n_kv_head, self.head_dim
         q, k, v = (linear(h, self[name], views.get(name)) for name in ("q_proj", "k_proj", "v_proj"))
+        q = q.reshape(B, H, 1, D)
         if self.pro:
             segments = [(Hkv * D, self.k_conv.activation), (H * D, self.v_conv.activation)]
             (k, v), tail = short_convs_token(mx.concatenate([k, v], axis=-1), tail,
                                              views["conv"], segments)
-            q, k = self.q_norm(q), self.k_norm(k)
+            # GroupRMSNorm on the heads as they are shaped here, its gain as [H, 1, D].
+            q = mx.fast.rms_norm(q, None, self.q_norm.eps) * views["q_norm"]
+            k = mx.fast.rms_norm(k.reshape(B, Hkv, 1, D), None, self.k_norm.eps) * views["k_norm"]
+        else:
+            k = k.reshape(B, Hkv, 1, D)
         log_f = nn.log_sigmoid(self.fgate_proj(h).astype(mx.float32))
-        return (q.reshape(B, H, 1, D), k.reshape(B, Hkv, 1, D), v.reshape(B, H, 1, D),
-                log_f[..., None], tail)
+        return q, k, v.reshape(B, H, 1, D), log_f[..., None], tail
 
     def output_token(self, out, h, views):
-        """output() for one token: out [B, H, 1, D], h [B, C] -> [B, C]."""
+        """output() for one token up to o_proj (the caller adds it to the residual in
+        one node): out [B, H, 1, D], h [B, C] -> [B, H * D]."""
         B, H, _, D = out.shape
         out = out.astype(h.dtype).reshape(B, H, D)
         if self.pro:
             gate = linear(h, self.ogate_proj, views.get("ogate_proj")).reshape(B, H, D)
             out = self.output_norm(out, gate)
-        return linear(out.reshape(B, H * D), self.o_proj, views.get("o_proj"))
+        return out.reshape(B, H * D)
 
     def attend(self, q, k, v, log_f, cache=None, pad_mask=None):
         """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
@@ -664,6 +690,26 @@ class ForgettingAttention(nn.Module):
                                   training=self.training, cached=cache is not None,
                                   quantized=quantized)
 
+    def attend_token(self, q, k, v, log_f, cache):
+        """attend() for one token against the exact cache, on the CPU, while its
+        buffers have room for it: ``kernels.fox_decode_step`` (one compiled graph)
+        writes the token into them and attends; None otherwise (the caller runs
+        attend(), which also grows the buffers)."""
+        conv_cache, first, second = cache
+        if (isinstance(first, QuantizedKVCache) or kernels.gpu_backend() is not None
+                or first.keys is None or first.offset == 0 or second.offset != first.offset
+                or first.offset >= min(first.keys.shape[2], second.keys.shape[2])):
+            return None
+        key_start = conv_cache[1]
+        if key_start is None:  # an array made here, not a graph node
+            key_start = mx.array([0] * q.shape[0], mx.int32)
+        out, first.keys, second.keys, second.values = kernels.fox_decode_step(
+            q, k, v, log_f, first.keys, second.keys, second.values,
+            mx.array([first.offset], mx.int32), key_start, self.scale)
+        first.offset += 1
+        second.offset += 1
+        return out
+
     def output(self, out, x):
         """Attention output [B, H, T, D] -> [B, T, C] (output norm gated by x)."""
         B, H, T, D = out.shape
@@ -701,14 +747,18 @@ class SwiGLU(nn.Module):
         threshold = mx.topk(magnitude, k, axis=-1).min(axis=-1, keepdims=True)
         return magnitude >= threshold
 
-    def __call__(self, x, views=None):
-        """``views``: transposed weights (GenesisBlock.decode_views)."""
+    def hidden(self, x, views=None):
+        """What down_proj reads. ``views``: transposed weights
+        (GenesisBlock.decode_views)."""
         views = views or {}
         hidden = silu(linear(x, self.gate_proj, views.get("gate_proj"))) * linear(
             x, self.up_proj, views.get("up_proj"))
         if self.selective and not self.training and self.k_ratio < 1.0:
             hidden = mx.where(self.topk_mask(hidden), hidden, 0)
-        return linear(hidden, self.down_proj, views.get("down_proj"))
+        return hidden
+
+    def __call__(self, x):
+        return self.down_proj(self.hidden(x))
 
 
 def compile_with_cache(apply, module: nn.Module, n_state: int):
@@ -774,7 +824,8 @@ class GenesisBlock(nn.Module):
         """(owner, key) of every module and array the decode views derive from."""
         attn, ffn = self.attn, self.ffn
         modules = [(attn, n) for n in attn.children()] + [(ffn, n) for n in ffn.children()]
-        arrays = [(m[n], "weight") for m, n in modules if n.endswith("_proj")]
+        arrays = [(m[n], "weight") for m, n in modules
+                  if n.endswith("_proj") or isinstance(m[n], GroupRMSNorm)]
         convs = [(m[n].conv, "weight") for m, n in modules if isinstance(m[n], ShortConvolution)]
         norms = [(norm, "omega" if "omega" in norm else "weight")
                  for norm in (self.attn_norm, self.ffn_norm)]
@@ -784,7 +835,8 @@ class GenesisBlock(nn.Module):
         """Arrays the compiled decoding step reads in place of deriving them from the
         parameters every token (a graph node each): every plain Linear's W^T (a
         view: no copy), the short convs' weights stacked [K, channels], the norms'
-        gains. Rebuilt when a parameter or layer is replaced (weights loaded, LoRA,
+        gains (FoX's per-head q/k gains as [heads, 1, D]), GLA's RoPE gather index.
+        Rebuilt when a parameter or layer is replaced (weights loaded, LoRA,
         fuse)."""
         attn, ffn = self.attn, self.ffn
         views = {"attn": transposed_weights(attn), "ffn": transposed_weights(ffn),
@@ -792,6 +844,12 @@ class GenesisBlock(nn.Module):
         convs = [attn[n] for n in ("conv_q", "conv_k", "conv_v", "k_conv", "v_conv") if n in attn]
         if convs:
             views["attn"]["conv"] = stacked_conv_weights(convs)
+        if self.is_fox and attn.pro:  # GroupRMSNorm gains per head, as project_token's q/k
+            for name in ("q_norm", "k_norm"):
+                views["attn"][name] = attn[name].weight.reshape(-1, 1, attn.head_dim)
+        if not self.is_fox:  # rotate-half's gather index, shaped as decode_token's q/k
+            shape = (1, attn.n_head // attn.n_kv_head + 1, attn.n_kv_head, 1, attn.head_qk_dim)
+            views["attn"]["rope_source"] = mx.broadcast_to(attn._rope_gather[0], shape)
         mx.eval(views)
         return views
 
@@ -807,7 +865,8 @@ class GenesisBlock(nn.Module):
         """x + FFN(x) for one token, x [B, C]."""
         views = self._decode
         h = mx.fast.rms_norm(x, views["ffn_norm"], self.ffn_norm.eps)
-        return x + self.ffn(h, views["ffn"])
+        ffn = views["ffn"]
+        return add_linear(x, self.ffn.hidden(h, ffn), self.ffn.down_proj, ffn.get("down_proj"))
 
     def compile_gla_step(self):
         def step(x, cache):
@@ -817,7 +876,9 @@ class GenesisBlock(nn.Module):
                 return (x + self.ffn(self.ffn_norm(x)))[:, 0]
             views = self._decode
             h = mx.fast.rms_norm(x, views["attn_norm"], self.attn_norm.eps)
-            x = x + self.attn.decode_token(h, cache, views["attn"])
+            attn = views["attn"]
+            x = add_linear(x, self.attn.decode_token(h, cache, attn), self.attn.o_proj,
+                           attn.get("o_proj"))
             return self.ffn_token(x)
 
         return compile_with_cache(step, self, 3)
@@ -828,7 +889,9 @@ class GenesisBlock(nn.Module):
             return (h, *self.attn.project_token(h, tail, self._decode["attn"]))
 
         def after(x, h, attention):
-            x = x + self.attn.output_token(attention, h, self._decode["attn"])
+            views = self._decode["attn"]
+            x = add_linear(x, self.attn.output_token(attention, h, views), self.attn.o_proj,
+                           views.get("o_proj"))
             return self.ffn_token(x)
 
         before = mx.compile(before, inputs=self.state)
@@ -836,7 +899,10 @@ class GenesisBlock(nn.Module):
 
         def step(x, cache):
             h, q, k, v, log_f, cache[0][0] = before(x, cache[0][0])
-            return after(x, h, self.attn.attend(q, k, v, log_f, cache))
+            attention = self.attn.attend_token(q, k, v, log_f, cache)
+            if attention is None:
+                attention = self.attn.attend(q, k, v, log_f, cache)
+            return after(x, h, attention)
 
         return step
 
@@ -861,22 +927,29 @@ class TTTLayer(nn.Module):
         self.layer_scale = Weight("scale", mx.zeros((C,)))
         self.lr_cap = args.ttt_inner_lr
 
-    def initial_prediction(self, h):
-        # The reference multiplies by diag(W0) instead of W0 when W0 is diagonal
-        # (off-diagonal max < 1e-6); both branches are kept to match it bit for bit.
+    def w0_is_diagonal(self) -> mx.array:
+        """The reference multiplies by diag(W0) instead of W0 when W0 is diagonal
+        (off-diagonal max < 1e-6); both branches are kept to match it bit for bit."""
         W0 = self.W0
-        diag = mx.diagonal(W0)
-        off_diag_max = mx.abs(W0 - mx.diag(diag)).max()
-        y0 = mx.where(off_diag_max < 1e-6, h * diag, h @ W0)
+        return mx.abs(W0 - mx.diag(mx.diagonal(W0))).max() < 1e-6
+
+    def initial_prediction(self, h, w0_diagonal: Optional[bool] = None):
+        """``w0_diagonal``: w0_is_diagonal() where the caller knows it (decoding
+        checks it once, not every token: a pass over W0 and a product with it)."""
+        W0 = self.W0
+        if w0_diagonal is None:
+            y0 = mx.where(self.w0_is_diagonal(), h * mx.diagonal(W0), h @ W0)
+        else:
+            y0 = h * mx.diagonal(W0) if w0_diagonal else h @ W0
         return y0 + (h @ self.A_init) @ self.B_init
 
-    def __call__(self, x, state=None, pad_mask=None):
+    def __call__(self, x, state=None, pad_mask=None, w0_diagonal=None):
         """state: (gradient sum [B, C], tokens seen [B]) or None. Returns the adapted
         x and the new state."""
         B, T, C = x.shape
         h = self.norm(x)
         lr = mx.minimum(mx.exp(self.log_lr), self.lr_cap).astype(mx.float32)
-        y0 = self.initial_prediction(h)
+        y0 = self.initial_prediction(h, w0_diagonal)
         hf = h.astype(mx.float32)
         gradient = hf * (y0.astype(mx.float32) - hf)
         if pad_mask is not None:
@@ -969,16 +1042,24 @@ class Model(nn.Module):
         return self.lm_head(x)
 
     def ttt_decode_step(self, x, cache):
-        """apply_ttt for one token, compiled (as the blocks' decoding steps)."""
-        if getattr(self, "_compiled_ttt", None) is None:
-            self._compiled_ttt = compile_with_cache(
-                lambda x, state: self.apply_ttt(x, state, None), self.metacognition, 3)
-        return self._compiled_ttt(x, cache)
+        """apply_ttt for one token, compiled (as the blocks' decoding steps), with
+        W0's diagonality checked once per W0 (recompiled when W0 is replaced)."""
+        ttt = self.metacognition.ttt
+        if getattr(self, "_ttt_w0", None) is ttt.W0:
+            return self._compiled_ttt(x, cache)
+        diagonal = bool(ttt.w0_is_diagonal())
+        self._compiled_ttt = compile_with_cache(
+            lambda x, state: self.apply_ttt(x, state, None, diagonal), self.metacognition, 3)
+        out = self._compiled_ttt(x, cache)
+        # After the first (tracing) call, as GenesisBlock.decode_step: kept out of the
+        # module's tree.
+        object.__setattr__(self, "_ttt_w0", ttt.W0)
+        return out
 
-    def apply_ttt(self, x, cache, pad_mask):
+    def apply_ttt(self, x, cache, pad_mask, w0_diagonal=None):
         meta = self.metacognition
         state = (cache[0], cache[1]) if cache is not None and cache[0] is not None else None
-        adapted, (grad_sum, seen) = meta.ttt(x, state, pad_mask)
+        adapted, (grad_sum, seen) = meta.ttt(x, state, pad_mask, w0_diagonal)
         conf = meta.confidence_of(x, adapted)
         weight = mx.ones(conf.shape) if pad_mask is None else pad_mask.astype(mx.float32)
         if cache is None:
