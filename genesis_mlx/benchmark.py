@@ -55,11 +55,13 @@ def cache_nbytes(cache) -> int:
 
 
 def attention_cache_nbytes(cache) -> int:
-    """The part of the cache that grows with the context: FoX K/V/cumsum here
-    (CacheList entries), every KVCache in mlx-lm's Llama."""
-    from mlx_lm.models.cache import CacheList, KVCache
+    """The part of the cache that grows with the context: FoX K/V/cumsum here,
+    every KVCache in mlx-lm's Llama."""
+    from mlx_lm.models.cache import KVCache
 
-    return sum(c.nbytes for c in cache if isinstance(c, (CacheList, KVCache)))
+    from .model.cache import FoxCache
+
+    return sum(c.nbytes for c in cache if isinstance(c, (FoxCache, KVCache)))
 
 
 def run_mlx(model, ids, gen, make_cache, reps, prefill_step):

@@ -40,3 +40,13 @@ def reference_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def kernels_choice():
+    """select_kernels for one test, the previous choice restored after it."""
+    from genesis_mlx.kernels import backend
+
+    previous = backend.selected_kernels()
+    yield backend.select_kernels
+    backend.select_kernels(previous)

@@ -21,17 +21,11 @@ def run_chunks(model, ids, sizes):
 
 
 def cache_arrays(cache):
-    """Every state array, K/V trimmed to what was written."""
-    from mlx_lm.models.cache import CacheList, KVCache
+    """Every state array (the FoX buffers' written rows)."""
+    from mlx.utils import tree_flatten
 
-    arrays = []
-    for c in cache:
-        for part in (c.caches if isinstance(c, CacheList) else [c]):
-            if isinstance(part, KVCache):
-                arrays += [np.array(a) for a in part.keys_and_values()]
-            else:
-                arrays += [np.array(a) for a in part.state[0] if a is not None]
-    return [a for a in arrays if a.size]
+    return [np.array(a) for c in cache for _, a in tree_flatten(c.state)
+            if isinstance(a, mx.array) and a.size]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -46,7 +40,9 @@ def test_prefill_in_one_piece_chunks_or_tokens(reference_checkpoint, name, ttt):
     tol = logits_tolerance(whole)
     assert np.abs(whole - chunked).max() <= tol
     assert np.abs(whole - stepped).max() <= tol
-    for a, b, c in zip(cache_arrays(c1), cache_arrays(c2), cache_arrays(c3)):
+    arrays = [cache_arrays(c) for c in (c1, c2, c3)]
+    assert len(arrays[0]) == len(arrays[1]) == len(arrays[2]) > 0
+    for a, b, c in zip(*arrays):
         scale = max(1.0, float(np.abs(a).max()))
         assert np.abs(a - b).max() <= 1e-4 * scale and np.abs(a - c).max() <= 1e-4 * scale
 
@@ -112,20 +108,25 @@ def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
 def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
     """The CPU's one-token GLA step (grouped heads, RoPE as products) against the
     layer's general path, from a state 300 tokens in: output and every cache entry."""
+    import copy
+
+    from genesis_mlx.model.decode import BlockDecoder, gla_token
+
     _, path = reference_checkpoint(**CONFIGS[name])
     model = mlx_model(path)
     block = next(b for b in model.blocks if not b.is_fox)
     cache = model.make_cache()
     model(mx.array(tokens(300)), cache=cache)
     x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
-    general, lean = ([cache[0][i] for i in range(3)] for _ in range(2))
+    general, lean = cache[0], copy.deepcopy(cache[0])
     want = np.array(block.attn(x, general))
-    got = np.array(block.attn.o_proj(block.attn.decode_token(
-        x[:, 0], lean, block.decode_views()["attn"])))[:, None]
+    views = BlockDecoder(block).make_views()["attn"]
+    got = np.array(block.attn.o_proj(gla_token(block.attn, x[:, 0], lean, views)))[:, None]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
-    for a, b in zip(general, lean):
+    for field in general.ROWS:
+        a, b = getattr(general, field), getattr(lean, field)
         if a is None:
-            assert b is None
+            assert b is None, field
             continue
         a, b = np.array(a), np.array(b)
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(a).max())
@@ -136,7 +137,8 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
     over all their rows with those past it masked, compiled once per buffer size)
     against the eager attend() it replaces: a left-padded batch decoding across the
     cache's growth steps, logits and every cache array."""
-    from genesis_mlx.model.genesis import FOX_CACHE_STEP, ForgettingAttention
+    from genesis_mlx.model import decode
+    from genesis_mlx.model.cache import FOX_CACHE_STEP
 
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
     model = mlx_model(path)
@@ -149,29 +151,32 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
     mask[1, :15] = False
     steps = tokens(FOX_CACHE_STEP + 40, B=2, seed=4)
     used = []
-    compiled_step = ForgettingAttention.attend_token
+    compiled_step = decode.fox_attend_token
 
-    def decode(use_compiled):
-        def attend_token(self, *args):
-            out = compiled_step(self, *args) if use_compiled else None
-            used.append(out is not None)
-            return out
+    def decode_all(use_compiled):
+        def attend_token(attn, q, k, v, log_f, cache):
+            used.append(use_compiled)
+            if use_compiled:
+                return compiled_step(attn, q, k, v, log_f, cache)
+            return attn.attend(q, k, v, log_f, cache)
 
-        monkeypatch.setattr(ForgettingAttention, "attend_token", attend_token)
+        monkeypatch.setattr(decode, "fox_attend_token", attend_token)
         cache = model.make_cache()
         model(mx.array(ids), cache=cache, pad_mask=mx.array(mask))
         logits = [np.array(model(mx.array(steps[:, j : j + 1]), cache=cache))
                   for j in range(steps.shape[1])]
         return np.concatenate(logits, axis=1), cache
 
-    got, got_cache = decode(True)
+    got, got_cache = decode_all(True)
     n_fox = sum(b.is_fox for b in model.blocks)
-    assert 0 < sum(used) < len(used) == n_fox * steps.shape[1]  # and growth steps eager
+    assert len(used) == n_fox * steps.shape[1] and all(used)
     used.clear()
-    want, want_cache = decode(False)
-    assert not any(used)
+    want, want_cache = decode_all(False)
+    assert len(used) == n_fox * steps.shape[1] and not any(used)
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
-    for a, b in zip(cache_arrays(got_cache), cache_arrays(want_cache)):
+    got_arrays, want_arrays = cache_arrays(got_cache), cache_arrays(want_cache)
+    assert len(got_arrays) == len(want_arrays) > 0
+    for a, b in zip(got_arrays, want_arrays):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
 
 
@@ -231,34 +236,28 @@ def test_fox_cache_keeps_k_per_kv_head_and_v_per_head(reference_checkpoint):
     model = mlx_model(path)
     cache = model.make_cache()
     model(mx.array(tokens(40)), cache=cache)
-    _, first, second = cache[4].caches
-    (keys, placeholder), (values, cumsum) = first.keys_and_values(), second.keys_and_values()
-    assert keys.shape == (1, 2, 40, 16) and placeholder.shape == (1, 2, 40, 1)
-    assert values.shape == (1, 6, 40, 16) and cumsum.shape == (1, 6, 40, 1)
+    fox = cache[4]
+    _, _, keys, values, cumsum, offset = fox.state
+    assert offset == 40 and fox.keys.shape[2] == fox.cumsum.shape[2] >= 40
+    assert keys.shape == (1, 2, 40, 16) and values.shape == (1, 6, 40, 16)
+    assert cumsum.shape == (1, 6, 40)
 
 
 KV32 = dict(n_embd=64, n_head=2, n_kv_head=1)  # head size 32: quantizable in groups of 32
 
 
 def fox_kv_bytes(cache):
-    """Bytes of the FoX layers' K and V buffers."""
+    """Bytes of the FoX layers' K and V (written rows)."""
     from mlx.utils import tree_flatten
-    from mlx_lm.models.cache import CacheList, QuantizedKVCache
 
-    total = 0
-    for c in cache:
-        if isinstance(c, CacheList):
-            first, second = c.caches[1], c.caches[2]
-            k_and_v = ([first.keys, first.values] if isinstance(first, QuantizedKVCache)
-                       else [first.keys, second.keys])
-            total += sum(a.nbytes for _, a in tree_flatten(k_and_v))
-    return total
+    from genesis_mlx.model.cache import FoxCache
+
+    return sum(a.nbytes for c in cache if isinstance(c, FoxCache)
+               for _, a in tree_flatten(c.state[2:4]))
 
 
 def test_quantized_fox_cache_decodes_close_to_exact(reference_checkpoint, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
-
-    from genesis_mlx.errors import GenesisError
 
     _, path = reference_checkpoint(**KV32)
     model = mlx_model(path)
@@ -277,7 +276,7 @@ def test_quantized_fox_cache_decodes_close_to_exact(reference_checkpoint, tmp_pa
     assert fox_kv_bytes(cache) / fox_kv_bytes(exact_cache) == (1 + 8 / 32) / 4
     again = np.array(model(mx.array(ids[:, 71:]), cache=resumed))
     assert np.abs(again - quantized[:, 71:]).max() == 0.0
-    with pytest.raises(GenesisError, match="kv-bits 3"):
+    with pytest.raises(ValueError, match="kv_bits 3"):
         model.make_cache(kv_bits=3)
-    with pytest.raises(GenesisError, match="kv_group_size 64"):
+    with pytest.raises(ValueError, match="kv_group_size 64"):
         model.make_cache(kv_bits=8, kv_group_size=64)  # does not divide the head size 32

@@ -7,12 +7,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from genesis_mlx.kernels import fox_attention_kernel, gla_decode, gla_recurrent, gpu_backend
-from genesis_mlx.kernels.gla_recurrent import gla_recurrent_emulated
-from genesis_mlx.kernels.cpu import deal_out, fox_attention_parallel
-from genesis_mlx.kernels.naive import (fox_attention, fox_attention_grouped, gla_chunked,
-                                       gla_chunked_parallel, gla_step, group_values,
-                                       ungroup_values)
+from genesis_mlx.fastmath import exp
+from genesis_mlx.kernels import gla_decode, gpu_backend, select_kernels
+from genesis_mlx.kernels.fox import (fox_attention, fox_attention_grouped, fox_attention_kernel,
+                                     fox_attention_parallel, fox_attention_tiled, group_values,
+                                     ungroup_values)
+from genesis_mlx.kernels.fox.cpu import deal_out
+from genesis_mlx.kernels.fox.kernel import split_size
+from genesis_mlx.kernels.gla import gla_chunked, gla_chunked_parallel, gla_recurrent, gla_step
 
 SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
 LENGTHS = [1, 5, 64, 65, 130]
@@ -33,7 +35,7 @@ def rel(a, b):
 
 
 def kernel_runs():
-    runs = [("emulated", gla_recurrent_emulated)]
+    runs = [("emulated", lambda *a: gla_recurrent(*a, backend="emulate"))]
     backend = gpu_backend()
     if backend in ("metal", "cuda"):
         runs.append((backend, lambda *a: gla_recurrent(*a, backend=backend)))
@@ -84,13 +86,13 @@ def test_chunked_parallel_gradients_equal_loop():
         assert np.isfinite(np.array(gb)).all() and rel(ga, gb) <= 1e-4, arg
 
 
-def test_dispatch_uses_kernel_only_where_available(monkeypatch):
+def test_dispatch_uses_kernel_only_where_available(kernels_choice):
     q, k, v, g, scale, s = inputs(1, 3, 1, 48, 96, True)
-    monkeypatch.setenv("GENESIS_MLX_KERNELS", "off")
+    kernels_choice("off")
     out, _ = gla_decode(q, k, v, g, scale, 64, s)
-    want, _ = gla_step(q, k, v, g, scale, s)
+    want, _ = gla_step(q, k, v, exp(g)[..., None], scale, s)
     assert np.array_equal(np.array(out), np.array(want))  # the ops path, exactly
-    monkeypatch.setenv("GENESIS_MLX_KERNELS", "emulate")
+    kernels_choice("emulate")
     emulated, _ = gla_decode(q, k, v, g, scale, 64, s)
     assert rel(want, emulated) <= 1e-5
 
@@ -141,8 +143,6 @@ def test_fox_kernel_key_splits_merge_to_ops(shape, split):
 
 
 def tiled_runs():
-    from genesis_mlx.kernels.fox_attention import fox_attention_tiled
-
     backends = ["emulate"] + [b for b in [gpu_backend()] if b in ("metal", "cuda")]
     return [(b, lambda *a, b=b: fox_attention_tiled(*a, backend=b)) for b in backends]
 
@@ -166,8 +166,6 @@ def test_tiled_fox_kernel_equals_ops(shape):
 
 
 def test_fox_kernel_split_size_fills_the_gpu():
-    from genesis_mlx.kernels.fox_attention import split_size
-
     assert split_size(9, 2048) == 64            # decode: 32 splits per query
     assert split_size(9 * 2048, 2048) == 2048   # long prefill: one split per row
     assert split_size(9, 100_000) == 256        # powers of two, >= 64 keys
@@ -183,7 +181,7 @@ def test_fox_kernel_left_padding_and_reduced_precision(kernel):
         assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
 
 
-def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, monkeypatch):
+def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, kernels_choice):
     from test_parity import CONFIGS, mlx_model, tokens
 
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
@@ -191,7 +189,7 @@ def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, mon
     results = {}
     kernel = gpu_backend() if gpu_backend() in ("metal", "cuda") else "emulate"
     for mode in ("off", kernel if kernel == "emulate" else "auto"):
-        monkeypatch.setenv("GENESIS_MLX_KERNELS", mode)
+        kernels_choice(mode)
         model = mlx_model(path)
         cache = model.make_cache()
         outs = [model(mx.array(ids[:, :20]), cache=cache)]
@@ -292,16 +290,16 @@ MLX_METAL_ATTRIBUTES = (
 )
 
 
-@pytest.mark.parametrize("kernel", ["fox_attention.KERNEL", "fox_attention.TILED_KERNEL",
-                                    "gla_recurrent.KERNEL"])
+@pytest.mark.parametrize("kernel", ["fox.kernel.KERNEL", "fox.kernel.TILED_KERNEL",
+                                    "gla.recurrent.KERNEL"])
 def test_metal_source_names_the_attributes_its_prelude_uses(kernel):
     """No Mac here: this checks the one rule the Metal path needs beyond what the CUDA
     and CPU runs of the same body already check."""
     import importlib
 
-    from genesis_mlx.kernels.shared import PRELUDES
+    from genesis_mlx.kernels.launcher import PRELUDES
 
-    module, name = kernel.split(".")
+    module, name = kernel.rsplit(".", 1)
     shared = getattr(importlib.import_module(f"genesis_mlx.kernels.{module}"), name)
     used = [a for a in MLX_METAL_ATTRIBUTES if a in PRELUDES["metal"]]
     assert used, "the Metal prelude maps GLOBAL_THREAD_ID to some attribute"

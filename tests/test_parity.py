@@ -141,21 +141,25 @@ def test_rope_angles_are_the_references(head_qk_dim):
     takes the checkpoint's buffer."""
     import torch
 
-    from genesis_mlx.model.genesis import ModelArgs, rope_inverse_frequencies
+    from genesis_mlx.model.rope import inverse_frequencies
 
     rope = reference_rope(head_qk_dim)
     inv_freq = rope.inv_freq.numpy()
-    formula = rope_inverse_frequencies(ModelArgs(), rope.rotary_dim)
+    formula = inverse_frequencies(rope.rotary_dim, None)
     assert not np.array_equal(formula, inv_freq), "fixture too weak: formula == buffer"
     layer = gla_layer(head_qk_dim, inv_freq)
     x = np.random.RandomState(0).randn(1, 2, 4096, head_qk_dim).astype(np.float32)
     with torch.no_grad():
         want, _ = rope(torch.tensor(x), torch.tensor(x))
-    got = np.array(layer.apply_rope(mx.array(x), mx.array([0])))
+    got = np.array(layer.rope(mx.array(x), mx.array([0])))
     assert np.abs(got - want.numpy()).max() < 2e-6
-    # The one-token step multiplies the position by these, as the reference does.
-    step_freqs = np.array(layer._rope_freqs)[: rope.rotary_dim // 2]
-    assert np.array_equal(step_freqs, inv_freq)
+    # The one-token step's angles (cos/sin of position * frequency), as the reference.
+    positions = np.arange(4096, dtype=np.int32).reshape(-1, 1)
+    cos, sin = (np.array(a) for a in layer.rope.cos_sin(mx.array(positions)))
+    half = rope.rotary_dim // 2
+    want_cos, want_sin = (t[0, 0, :, :half].numpy() for t in (rope.cos_cached, rope.sin_cached))
+    assert np.abs(cos[:, :half] - want_cos).max() < 2e-6
+    assert np.abs(sin[:, :half] - want_sin).max() < 2e-6
 
 
 def test_rope_frequencies_come_from_the_checkpoint(tmp_path):

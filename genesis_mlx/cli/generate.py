@@ -7,7 +7,7 @@ from ..generation.generate import (
     print_stats, stream_generate,
 )
 from ..loading import load
-from ..model.genesis import check_kv_bits
+from ..model.genesis import KV_BITS
 
 
 def add_model_arguments(p):
@@ -42,6 +42,11 @@ def add_arguments(p):
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
     p.add_argument("--verbose", action="store_true", help="print speed and memory")
+
+
+def check_kv_bits(bits):
+    if bits is not None and bits not in KV_BITS:
+        raise GenesisError(f"--kv-bits {bits}: use 4 or 8 (or leave it out: exact)")
 
 
 def sampling_from(args) -> SamplingOptions:

@@ -10,7 +10,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
 from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
 from ..errors import GenesisError
-from ..model.genesis import CACHE_LAYOUT
+from ..model.cache import CACHE_LAYOUT
 from .generate import SamplingOptions, prefill, stream_generate
 
 

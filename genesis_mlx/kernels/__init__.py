@@ -1,29 +1,42 @@
-"""Sequence mixers: plain MLX reference ops (``naive``), fused GPU kernels, and the
-dispatch the model calls. The ops path runs everywhere and is the only one with
-gradients; a GPU kernel is used when the device has one and the call is inference.
-``GENESIS_MLX_KERNELS=off`` forces the ops path."""
+"""Sequence mixers, in flash-linear-attention's layout: per algorithm (``gla``, ``fox``)
+a ``naive`` reference, the ops forms, the GPU kernel and the CPU arrangement; the
+kernel bodies in ``metal/`` with their ``launcher`` and CPU ``emulation``.
+
+This module is the dispatch the model calls. The ops path runs everywhere and is the
+only one with gradients; a GPU kernel is used when the device has one and the call
+is inference (``backend.select_kernels`` / ``GENESIS_MLX_KERNELS``).
+"""
 
 import mlx.core as mx
 
-from .cpu import fox_attention_parallel, fox_decode_step, use_cpu_streams
-from .fox_attention import fox_attention_kernel
-from .gla_recurrent import gla_recurrent
-from .shared import gpu_backend
-from .naive import (causal_decay, fox_attention, fox_attention_grouped, gla_chunk, gla_chunked,
-                    gla_chunked_parallel, gla_step, group_values, ungroup_values)
+from ..fastmath import exp
+
+from .backend import gpu_backend, select_kernels
+from .fox import (fox_attention, fox_attention_grouped, fox_attention_kernel,
+                  fox_attention_parallel, fox_decode_step, group_values, ungroup_values,
+                  use_cpu_streams)
+from .gla import gla_chunked, gla_chunked_parallel, gla_recurrent, gla_step
 
 # Up to this many new tokens, the recurrent kernel (sequential in time, parallel over
 # batch * heads * value columns) beats the chunked form.
 RECURRENT_MAX_T = 64
 
+# The FoX kernel saves memory (no bias matrix) but is slower than the ops path for
+# prefills, so it takes only the long ones, where the bias matrix would be large.
+# Decoding keeps the ops path until the kernel's key splits are timed on a GPU.
+FOX_KERNEL_MIN_QUERIES = 1024
+
+# Up to this many queries against a cache, the grouped form (no per-head copy of a
+# quantized cache's V) is used; longer chunks copy V once into per-head layout.
+FOX_GROUPED_MAX_QUERIES = 64
+
 
 def gla_prefill(q, k, v, log_g, scale, chunk_size, state=None, beta=None):
-    """Whole-sequence GLA (no-cache forward, training). The delta rule makes each
-    chunk depend on the previous state, so it keeps the sequential form."""
+    """Whole-sequence GLA (no-cache forward, training, prompts). The delta rule makes
+    each chunk depend on the previous state, so it keeps the sequential form; on
+    the CPU the loop-free form's extra [N, N] x [N, Dk*Dv] product costs what the
+    Python loop saves."""
     if beta is not None or mx.default_device() == mx.cpu:
-        # On the CPU the two cost about the same (59 vs 56 ms per layer at 2048 tokens
-        # here; the loop-free form's extra [N, N] x [N, Dk*Dv] product eats what the
-        # Python loop costs). On a GPU it is 14x faster (0.49 vs 7.05 ms on an H100).
         return gla_chunked(q, k, v, log_g, scale, chunk_size, state, beta)
     return gla_chunked_parallel(q, k, v, log_g, scale, chunk_size, state)
 
@@ -34,22 +47,8 @@ def gla_decode(q, k, v, log_g, scale, chunk_size, state):
     if T <= RECURRENT_MAX_T and gpu_backend() is not None:
         return gla_recurrent(q, k, v, log_g, scale, state)
     if T == 1:
-        return gla_step(q, k, v, log_g, scale, state)
+        return gla_step(q, k, v, exp(log_g)[..., None], scale, state)
     return gla_prefill(q, k, v, log_g, scale, chunk_size, state)
-
-
-# The FoX kernel is a memory kernel: no bias matrix (18 MB instead of 4.7 GB at 8192
-# tokens on an H100) but slower than the ops path for prefills (4.1 vs 1.8 ms per
-# layer at 2048, measured when it had one thread per row), so it takes the long
-# prefills, where the bias matrix would be large. Decoding keeps the ops path (0.17 ms
-# per layer there): the kernel's key splits (one thread per 64 keys, where it had 9
-# threads per token before) have not been timed on a GPU yet.
-FOX_KERNEL_MIN_QUERIES = 1024
-
-
-# Up to this many queries against a cache, the grouped form (no per-head copy of
-# V) is used; longer chunks copy V once into per-head layout.
-FOX_GROUPED_MAX_QUERIES = 64
 
 
 def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False,
@@ -78,5 +77,7 @@ def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=Fals
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
-__all__ = ["group_values", "ungroup_values", "fox_attend", "fox_decode_step", "fox_attention_grouped", "fox_attention_kernel", "causal_decay", "fox_attention", "gla_chunk", "gla_chunked", "gla_chunked_parallel",
-           "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend"]
+__all__ = ["fox_attend", "fox_attention", "fox_attention_grouped", "fox_attention_kernel",
+           "fox_attention_parallel", "fox_decode_step", "gla_chunked", "gla_chunked_parallel",
+           "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend",
+           "group_values", "select_kernels", "ungroup_values"]

@@ -6,9 +6,9 @@ import time
 import mlx.core as mx
 
 from . import gpu_backend
-from .fox_attention import fox_attention_kernel, fox_attention_tiled
-from .gla_recurrent import gla_recurrent
-from .naive import (fox_attention, fox_attention_grouped, gla_chunked, gla_chunked_parallel,
+from .fox import fox_attention_kernel, fox_attention_tiled
+from .gla import gla_recurrent
+from . import (fox_attention, fox_attention_grouped, gla_chunked, gla_chunked_parallel,
                     gla_step, group_values)
 
 

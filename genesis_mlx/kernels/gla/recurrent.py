@@ -1,4 +1,6 @@
-"""The GLA recurrent kernel (decode and short prompts): ``metal/gla_recurrent.inc``.
+"""The GLA recurrent kernel (decoding and short prompts): ``metal/gla_recurrent.inc``,
+one GPU thread per (batch * head, value column), its column of the state in
+registers for all T steps.
 
 It computes what ``naive.gla_chunked`` / ``naive.gla_step`` compute (tests tie them
 together) and has no VJP: the model uses it only when decoding with a cache; training
@@ -8,9 +10,10 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from .shared import SharedKernel, gpu_backend
+from ..backend import gpu_backend
+from ..launcher import Kernel
 
-KERNEL = SharedKernel(
+KERNEL = Kernel(
     "genesis_gla_recurrent", "gla_recurrent.inc",
     inputs=[("q", "float"), ("k", "float"), ("v", "float"), ("g", "float"), ("s0", "float"),
             ("scale", "float")],
@@ -31,8 +34,3 @@ def gla_recurrent(q, k, v, log_g, scale: float, state=None,
     out, s_out = KERNEL(backend, inputs, {"DK": Dk, "DV": Dv}, B * H * Dv,
                         [(B * H, T, Dv), (B * H, Dk, Dv)])
     return out.reshape(B, H, T, Dv), s_out.reshape(B, H, Dk, Dv)
-
-
-def gla_recurrent_emulated(q, k, v, log_g, scale: float, state=None):
-    """The kernel body on the CPU, thread by thread (float32)."""
-    return gla_recurrent(q, k, v, log_g, scale, state, backend="emulate")

@@ -1,13 +1,15 @@
-"""The ops path, spread over CPU cores for long inference prefills.
+"""FoX attention arranged for MLX's CPU backend: the same math as ``naive`` and
+``cached``, laid out for how that backend runs it.
 
-MLX's CPU backend runs each elementwise op on one thread (``exp`` over the 9 x 2048
-x 2048 FoX scores takes 0.77 s on this project's 2-core CI machine) and only the BLAS
-calls use every core. But every CPU stream has a thread of its own, so independent
-pieces of work put on different streams do run at the same time. FoX attention is
-cut into query row blocks (which also lets each block skip the keys after it), dealt
-out over one stream per core and joined: the same math as ``naive``, in parallel.
-(GLA's chunk loop split by heads the same way got slower, 50 -> 72 ms per layer at
-2048 tokens: its many small ops and BLAS threads contend.)
+- Long prefills: MLX's CPU backend runs each elementwise op on one thread and only
+  the BLAS calls use every core, but every CPU stream has a thread of its own, so
+  independent pieces of work put on different streams run at the same time. The
+  queries are cut into row blocks (which also lets each block skip the keys after
+  it), dealt out over one stream per core and joined.
+- Decoding: one token against the cache's preallocated buffers as one compiled graph,
+  whose shapes change only when the buffers grow, where the eager ops would be tens
+  of graph nodes a layer, each costing the Python thread that builds and dispatches
+  the graph time it shares with the BLAS threads.
 """
 
 import functools
@@ -16,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import mlx.core as mx
 
-from ..fastmath import softmax
+from .cached import fox_attention_grouped
 from .naive import fox_attention
 
 # Below this many queries the pieces are too small to gain from the streams.
@@ -71,29 +73,22 @@ def fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale: float,
 
 @mx.compile
 def fox_decode_step(q, k, v, log_f, keys, values, cumsums, offset, key_start, scale):
-    """One token of FoX decoding against the exact cache's buffers, as one compiled
-    graph: writes k, v and the forget gates' running sum at ``offset`` (in place
-    where the buffers are not shared) and attends over every buffer row, those past
-    the token masked. ``naive.fox_attention_grouped`` over the rows up to the token
-    is the same math; this form has fixed shapes between the cache's growth steps,
-    so mx.compile traces it once per buffer size (shared by all FoX layers), where
-    the eager ops were ~45 graph nodes a layer (each ~5 us on the CPU).
+    """One decoding token against a FoX cache's buffers, as one compiled graph: writes
+    k, v and the forget gates' running sum at row ``offset`` (in place where the
+    buffers are not shared) and attends over every row, those past the token masked
+    (``cached.fox_attention_grouped`` with ``key_end``). mx.compile traces it once per
+    buffer size, shared by all FoX layers.
 
     q, v [B, H, 1, D]; k [B, Hkv, 1, D]; log_f [B, H, 1]; keys [B, Hkv, S, D];
-    values [B, H, S, D]; cumsums [B, H, S, 1]; offset [1] (int32, >= 1: the row of
-    this token, after a cached one); key_start [B] (left padding: keys before it
-    stay masked). -> output [B, H, 1, D], keys, values, cumsums."""
-    B, H, _, D = q.shape
-    Hkv, S = keys.shape[1], keys.shape[2]
-    previous = mx.slice(cumsums, offset - 1, axes=(2,), slice_size=(B, H, 1, 1))
-    cumsum = previous + log_f[..., None]
+    values [B, H, S, D]; cumsums [B, H, S]; offset [1] int32 (>= 1: a token is
+    cached before this one); key_start [B] int32 (left padding).
+    -> output [B, H, 1, D], keys, values, cumsums"""
+    B, H = q.shape[:2]
+    previous = mx.slice(cumsums, offset - 1, axes=(2,), slice_size=(B, H, 1))
+    cumsum = previous + log_f
     keys = mx.slice_update(keys, k.astype(keys.dtype), offset, axes=(2,))
     values = mx.slice_update(values, v.astype(values.dtype), offset, axes=(2,))
     cumsums = mx.slice_update(cumsums, cumsum, offset, axes=(2,))
-    grouped_q = (q.astype(mx.float32) * scale).reshape(B, Hkv, H // Hkv, 1, D)
-    scores = (grouped_q @ keys[:, :, None].astype(mx.float32).swapaxes(-1, -2)).reshape(B, H, 1, S)
-    scores = scores + (cumsum - cumsums.swapaxes(-1, -2))
-    row = mx.arange(S)
-    allowed = (row <= offset) & ((row >= key_start[:, None, None, None]) | (row == offset))
-    weights = softmax(mx.where(allowed, scores, -mx.inf), axis=-1)
-    return weights @ values.astype(mx.float32), keys, values, cumsums
+    out = fox_attention_grouped(q, keys, values, cumsum, cumsums, scale, key_start,
+                                key_end=offset + 1)
+    return out, keys, values, cumsums

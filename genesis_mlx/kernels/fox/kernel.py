@@ -11,16 +11,17 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..fastmath import exp
-from .shared import SharedKernel, gpu_backend
+from ...fastmath import exp
+from ..backend import gpu_backend
+from ..launcher import Kernel
 
-KERNEL = SharedKernel(
+KERNEL = Kernel(
     "genesis_fox_attention", "fox_attention.inc",
     inputs=[("q", "float"), ("k", "float"), ("v", "float"), ("cq", "float"), ("ck", "float"),
             ("key_start", "int"), ("scale", "float")],
     outputs=["acc", "m", "l"], shapes_of=["cq", "ck"], templates=["D", "H", "N_REP", "SPLIT"])
 
-TILED_KERNEL = SharedKernel(
+TILED_KERNEL = Kernel(
     "genesis_fox_attention_tiled", "fox_attention_tiled.inc",
     inputs=KERNEL.inputs, outputs=KERNEL.outputs, shapes_of=KERNEL.shapes_of,
     templates=["D", "H", "N_REP", "BQ", "BK"], barriers=True)

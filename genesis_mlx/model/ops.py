@@ -1,0 +1,23 @@
+"""Small operations that the modules (genesis.py) and the one-token path (decode.py)
+share."""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+L2_EPS = 1e-6
+
+
+def l2_normalize(x, eps=L2_EPS):
+    return x / (mx.linalg.norm(x, axis=-1, keepdims=True) + eps)
+
+
+def norm_gain(norm: nn.Module) -> mx.array:
+    """What an RMSNorm multiplies by: 1 + omega (zero-centered) or its weight."""
+    return 1.0 + norm.omega if "omega" in norm else norm.weight
+
+
+def last_window_conv(window, weight_kc):
+    """A causal depthwise conv's output at the last position of ``window`` [B, K, C]
+    (the K inputs it sees), weight [K, C]: one fused op, where a conv1d over a
+    single position costs several times as much on the CPU."""
+    return (window * weight_kc).sum(axis=1, keepdims=True)
