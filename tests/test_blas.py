@@ -51,7 +51,7 @@ print("ok", worst)
 LOGITS = """
 import sys, numpy as np, mlx.core as mx
 sys.path.insert(0, {tests!r})
-from test_parity import mlx_model
+from conftest import mlx_model
 from genesis_mlx.blas import loaded_blas, gemv_forwarding
 model = mlx_model({path!r})
 ids = np.random.RandomState(0).randint(0, 512, (1, 80))

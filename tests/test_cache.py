@@ -8,7 +8,7 @@ import torch
 
 import reference as R
 from conftest import logits_tolerance
-from test_parity import CONFIGS, mlx_model, tokens
+from conftest import CONFIGS, mlx_model, tokens
 
 
 def run_chunks(model, ids, sizes):

@@ -182,7 +182,7 @@ def test_fox_kernel_left_padding_and_reduced_precision(kernel):
 
 
 def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, kernels_choice):
-    from test_parity import CONFIGS, mlx_model, tokens
+    from conftest import CONFIGS, mlx_model, tokens
 
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
     ids = tokens(40)

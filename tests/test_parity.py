@@ -5,36 +5,9 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import logits_tolerance
-from genesis_mlx.conversion.checkpoint import load_reference_checkpoint
-from genesis_mlx.model.genesis import Model
+from conftest import CONFIGS, logits_tolerance, mlx_model, tokens
 
-# GQA 4:2 with FoX last; no GQA with FoX every other layer; GQA 6:2 (as the real
-# model, 3:1) with expand_k giving an odd rotary split and FoX deep.
-CONFIGS = {
-    "gqa": dict(),
-    "mha": dict(n_kv_head=4, hybrid_full_attn_ratio=0.5),
-    "gqa3": dict(n_embd=96, n_head=6, n_kv_head=2, n_layer=5, hybrid_full_attn_ratio=0.2),
-    # every optional branch the other way round
-    "variants": dict(gla_use_short_conv=False, use_fox_pro=False, gla_use_mamba_gate=False,
-                     gla_qk_norm="rms", gla_fuse_norm_gate=False, use_zero_centered_norm=False,
-                     tie_word_embeddings=False, use_mup=False),
-}
 LENGTHS = [1, 37, 100, 600]
-
-
-def mlx_model(path, **options):
-    args, weights = load_reference_checkpoint(path)
-    for key, value in options.items():
-        setattr(args, key, value)
-    model = Model(args)
-    model.load_weights(list(weights.items()))
-    model.eval()
-    return model
-
-
-def tokens(T, B=1, vocab=512, seed=0):
-    return np.random.RandomState(seed + T).randint(0, vocab, (B, T))
 
 
 def assert_parity(ref_logits, ours):

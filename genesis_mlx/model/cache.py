@@ -265,7 +265,10 @@ class FoxCache(SequenceCache):
         if self.left_padding is None or self.cumsum is None:
             return
         common = int(self.left_padding.min())
-        if common > 0:
+        if common == self.offset:  # nothing but padding left: an empty cache
+            self.set_buffers([None] * 3)
+            self.offset, self.left_padding = 0, None
+        elif common > 0:
             self.map_buffers(lambda a: a[:, :, common : self.offset])
             self.offset -= common
             self.left_padding = self.left_padding - common
@@ -313,7 +316,7 @@ class FoxCache(SequenceCache):
     # --- state ---
 
     def empty(self) -> bool:
-        return self.cumsum is None
+        return self.offset == 0
 
     def size(self) -> int:
         return self.offset

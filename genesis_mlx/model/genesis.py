@@ -299,6 +299,8 @@ class GatedLinearAttention(nn.Module):
         if self.use_short_conv:
             (q, k, v), tail = causal_conv_with_tail(
                 [self.conv_q, self.conv_k, self.conv_v], [q, k, v], tail, self.conv_size, mask)
+            if mask is not None:  # right padding's windows hold real inputs: keep k v^T out
+                k = mx.where(mask[..., None], k, 0)
         q, k, v = self.split_heads(q, k, v)
         if self.use_l2_norm:
             q, k = l2_normalize(q), l2_normalize(k)
