@@ -8,9 +8,10 @@ import os
 # reference. Set MLX_ENABLE_TF32=1 yourself to trade that for speed.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .errors import GenesisError
+from .conversion.mlx_lm_files import FORMAT_VERSION as MODEL_FORMAT  # noqa: E402
+from .errors import GenesisError  # noqa: E402
 
 # Imported on first use: mlx-lm brings in transformers (~2.5 s), which the CLI's
 # start (it may re-execute itself to preload a BLAS) should not pay twice.
@@ -31,5 +32,5 @@ def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["GenesisError", "Model", "ModelArgs", "SamplingOptions", "generate", "load",
+__all__ = ["MODEL_FORMAT", "GenesisError", "Model", "ModelArgs", "SamplingOptions", "generate", "load",
            "stream_generate"]

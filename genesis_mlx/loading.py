@@ -13,8 +13,8 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
 from .conversion.checkpoint import DEFAULT_REPO, download_repo, find_checkpoint_file
-from .conversion.convert import (FORMAT_VERSION, build_model_tokenizer, convert, read_config,
-                                 stop_token_ids)
+from .conversion.convert import build_model_tokenizer, convert, read_config, stop_token_ids
+from .conversion.mlx_lm_files import FORMAT_VERSION
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
 
@@ -32,10 +32,13 @@ def converted_cache_dir(checkpoint: Path) -> Path:
     return CACHE_ROOT / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
+def directory_format(directory: Path) -> int:
+    return read_config(directory).get("genesis_mlx_format", 1)
+
+
 def is_current(directory: Path) -> bool:
     """Converted by this version's format (older cached conversions are redone)."""
-    return is_converted(directory) and read_config(directory).get(
-        "genesis_mlx_format", 1) >= FORMAT_VERSION
+    return is_converted(directory) and directory_format(directory) >= FORMAT_VERSION
 
 
 def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
@@ -112,9 +115,17 @@ def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]
         return load_quietly(Path(staging), stop_token_ids(tok))
 
 
+def load_genesis_model(model_dir: Path, lazy: bool = False,
+                       model_config: Optional[dict] = None) -> Tuple[Model, dict]:
+    """mlx-lm's load_model with this package's model classes: the directory's model
+    file (for mlx-lm's tools) is never run here."""
+    overrides = dict(model_config or {}, model_file=None)
+    return load_model(Path(model_dir), lazy=lazy, model_config=overrides,
+                      get_model_classes=get_classes)
+
+
 def load_model_only(model_dir: str) -> Model:
-    model, _ = load_model(Path(model_dir), get_model_classes=get_classes)
-    return model
+    return load_genesis_model(Path(model_dir))[0]
 
 
 def load(
@@ -127,12 +138,11 @@ def load(
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
     options of ModelArgs (e.g. ``{"ttt_enabled": False}``)."""
     model_dir = resolve_model_dir(src, tokenizer)
-    if not is_current(model_dir):
+    if directory_format(model_dir) < 2:
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "
               "frequencies can differ from the reference's in the last bit; convert the "
               "checkpoint again (genesis-mlx convert --force)", file=sys.stderr)
-    model, config = load_model(model_dir, lazy=lazy, model_config=model_config,
-                               get_model_classes=get_classes)
+    model, config = load_genesis_model(model_dir, lazy, model_config)
     if adapter_path is not None:
         from .tuning.adapters import load_adapters
 

@@ -16,11 +16,9 @@ from mlx_lm.utils import save_config
 from ..errors import GenesisError
 from ..model.genesis import Model
 from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
+from .mlx_lm_files import FORMAT_VERSION, write_model_file, write_tokenizer
 from .tokenizer import build_tokenizer, chat_token_ids
 
-# Written into config.json; cached conversions of an older format are redone.
-# 2: RoPE from the checkpoint's buffers (rope_inv_freq; rounded tables kept).
-FORMAT_VERSION = 2
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 GROUP_SIZES = (128, 64, 32)
 
@@ -130,9 +128,10 @@ def convert(
         config["quantization"] = quantize(model, q_bits, q_group_size)
 
     def write_rest(staging: Path):
+        write_model_file(staging, config)
         save_config(config, staging / "config.json")
         if tok is not None:
-            tok.save_pretrained(str(staging))
+            write_tokenizer(tok, staging)
 
     return write_model_dir(out, model, write_rest)
 
