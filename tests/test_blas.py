@@ -74,44 +74,51 @@ def blas_line(**env):
     return [l for l in info(**env).splitlines() if l.startswith("blas:")][0]
 
 
-def test_cli_preloads_openblas_when_present():
-    line = blas_line()
-    if gemv_preload():
-        assert line.startswith("blas: openblas + gemv forwarding")
-        assert blas_line(GENESIS_MLX_GEMV="off").startswith("blas: openblas (")
-    elif find_openblas():
-        assert line.startswith("blas: openblas")
-    else:  # nothing to preload: the CLI says what to install
-        assert "apt install libopenblas0-pthread" in line
+@pytest.fixture(scope="module")
+def gemv_preload():
+    """LD_PRELOAD for OpenBLAS with the forwarding in front. CI installs OpenBLAS
+    (.ci/run) and has a C compiler: without them these tests would compare the
+    reference BLAS with itself, so they fail instead."""
+    library = find_openblas()
+    assert library, "no system OpenBLAS: apt install libopenblas0-pthread"
+    forward = build_gemv_forward()
+    assert forward, "the GEMV forwarding did not build (no C compiler?)"
+    return f"{forward}:{library}"
+
+
+def test_cli_preloads_openblas_and_the_forwarding(gemv_preload):
+    assert blas_line().startswith("blas: openblas + gemv forwarding")
+    assert blas_line(GENESIS_MLX_GEMV="off").startswith("blas: openblas (")
     assert blas_line(GENESIS_MLX_BLAS="off").startswith("blas: reference")
 
 
-def gemv_preload():
-    """LD_PRELOAD for OpenBLAS with the forwarding in front, or None where this
-    machine has no OpenBLAS or no C compiler."""
-    library = find_openblas()
-    forward = build_gemv_forward() if library else None
-    return f"{forward}:{library}" if forward else None
+def test_the_openblas_library_can_be_chosen(gemv_preload, tmp_path):
+    """GENESIS_MLX_OPENBLAS names the library to preload (here a copy of the system's,
+    under another name); a path that does not exist is passed over."""
+    import shutil
+
+    chosen = tmp_path / "libopenblas-chosen.so.0"
+    shutil.copy(find_openblas(), chosen)
+    preload = [l for l in info(GENESIS_MLX_OPENBLAS=str(chosen)).splitlines()
+               if l.startswith("preload:")]
+    assert preload and preload[0].endswith(f":{chosen}"), preload
+    fallback = [l for l in info(GENESIS_MLX_OPENBLAS=str(tmp_path / "missing.so")).splitlines()
+                if l.startswith("preload:")]
+    assert fallback and fallback[0].endswith(f":{find_openblas()}"), fallback
 
 
-def test_gemv_forwarding_computes_what_sgemm_computes():
-    preload = gemv_preload()
-    if preload is None:
-        pytest.skip("needs a system OpenBLAS and a C compiler")
+def test_gemv_forwarding_computes_what_sgemm_computes(gemv_preload):
     result = subprocess.run([sys.executable, "-c", SGEMM_CASES], capture_output=True,
-                            text=True, env=dict(os.environ, LD_PRELOAD=preload), timeout=300)
+                            text=True, env=dict(os.environ, LD_PRELOAD=gemv_preload), timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok")
 
 
-def test_openblas_gives_the_same_logits(reference_checkpoint, tmp_path):
-    library = find_openblas()
+def test_openblas_gives_the_same_logits(reference_checkpoint, tmp_path, gemv_preload):
     _, path = reference_checkpoint()
     outputs = {}
-    configs = [("reference", None), ("openblas", library), ("openblas+gemv", gemv_preload())]
+    configs = [("reference", None), ("openblas", find_openblas()), ("openblas+gemv", gemv_preload)]
     for name, preload in configs:
-        if name != "reference" and preload is None:
-            continue
         env = dict(os.environ)
         env.pop("LD_PRELOAD", None)
         if preload:
