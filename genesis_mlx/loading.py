@@ -12,7 +12,8 @@ from typing import Optional, Tuple
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .conversion.checkpoint import DEFAULT_REPO, download_repo, find_checkpoint_file
+from .conversion.checkpoint import (DEFAULT_REPO, download_repo, find_checkpoint_file,
+                                    safetensors_damage)
 from .conversion.convert import (FORMAT_VERSION, build_model_tokenizer, convert, read_config,
                                  stop_token_ids)
 from .errors import GenesisError
@@ -94,10 +95,10 @@ def has_tokenizer(model_dir: Path) -> bool:
 
 
 def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]):
-    """The directory's own tokenizer; for a directory converted without one (as
-    ``bench`` writes them), the one ``tokenizer`` names, built in memory: the user's
-    directory is left as it is."""
-    if has_tokenizer(model_dir):
+    """The tokenizer ``tokenizer`` names, if given, else the directory's own, else
+    $GENESIS_MLX_TOKENIZER's (for a directory converted without one, as ``bench``
+    writes them). One named is built in memory: the directory is left as it is."""
+    if tokenizer is None and has_tokenizer(model_dir):
         return load_quietly(model_dir, config.get("eos_token_id"))
     source = tokenizer_source(tokenizer)
     if source is None:
@@ -110,6 +111,16 @@ def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]
     with tempfile.TemporaryDirectory() as staging:
         tok.save_pretrained(staging)
         return load_quietly(Path(staging), stop_token_ids(tok))
+
+
+def check_weight_files(model_dir: Path):
+    """A weight file cut short (a full disk, a copy stopped half-way) gets its name
+    and the fix, not the loader's traceback."""
+    for path in sorted(model_dir.glob("model*.safetensors")):
+        damage = safetensors_damage(path)
+        if damage:
+            raise GenesisError(f"{path} is damaged or incomplete ({damage}); convert again "
+                               "(genesis-mlx convert --force)")
 
 
 def load_model_only(model_dir: str) -> Model:
@@ -127,6 +138,7 @@ def load(
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
     options of ModelArgs (e.g. ``{"ttt_enabled": False}``)."""
     model_dir = resolve_model_dir(src, tokenizer)
+    check_weight_files(model_dir)
     if not is_current(model_dir):
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "
               "frequencies can differ from the reference's in the last bit; convert the "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import logits_tolerance
+from conftest import logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.tokenizer import build_prompt
 from genesis_mlx.errors import GenesisError
@@ -32,6 +32,13 @@ ROUND_TRIPS = {
 def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "genesis_mlx", *args], capture_output=True,
                           text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+
+    return write_reference_checkpoint(tmp_path_factory.mktemp("demo") / "demo.safetensors", DEMO)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +255,21 @@ def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path
                  "--tokenizer", tokenizer_path, "--force")
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_a_given_tokenizer_wins_over_the_models_own(demo_checkpoint, tokenizer_path, tmp_path,
+                                                    monkeypatch):
+    from genesis_mlx import loading
+
+    monkeypatch.setattr(loading, "CACHE_ROOT", tmp_path / "cache")
+    other = small_tokenizer(tmp_path / "small.json")
+    converted = convert(str(demo_checkpoint), str(tmp_path / "m"), tokenizer=tokenizer_path)
+    load(str(demo_checkpoint), tokenizer=tokenizer_path)  # the cache now has one too
+    for source in (converted, demo_checkpoint):
+        _, tok = load(str(source), tokenizer=other)
+        assert tok.encode("hello world", add_special_tokens=False) == [1, 2], source
+        _, own = load(str(source))
+        assert own.encode("hello world", add_special_tokens=False) != [1, 2]
 
 
 def test_cached_conversion_of_an_older_format_is_redone(tiny_with_real_vocab, tokenizer_path,

@@ -10,13 +10,16 @@ from ..loading import load
 from ..model.genesis import check_kv_bits
 
 
+TOKENIZER_HELP = ("GPT-NeoX tokenizer.json (or its directory), used instead of the model's "
+                  "own (needed to convert a raw checkpoint offline, or for a model "
+                  "directory without one)")
+
+
 def add_model_arguments(p):
     p.add_argument("--model", default=DEFAULT_REPO,
                    help="Hub repo id, converted model directory or reference .safetensors")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
-    p.add_argument("--tokenizer", default=None,
-                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline or "
-                   "for a model directory without a tokenizer")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--ttt", choices=["on", "off"], default="on",
                    help="test-time training while decoding (default on)")
     p.add_argument("--kv-bits", type=int, default=None,
@@ -31,7 +34,7 @@ def add_sampling_arguments(p):
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1 (default: random)")
     p.add_argument("--system-prompt", default=None)
 
 
