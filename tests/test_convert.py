@@ -34,6 +34,23 @@ def cli(*args, env=None):
                           text=True, env=env, timeout=600)
 
 
+def in_process(capsys, *argv):
+    """The CLI in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from genesis_mlx.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error_in_process(outcome, *needles):
+    code, _, err = outcome
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
 @pytest.fixture(scope="module")
 def demo_checkpoint(tmp_path_factory):
     from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
@@ -255,6 +272,25 @@ def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path
                  "--tokenizer", tokenizer_path, "--force")
     assert result.returncode == 0, result.stderr
     assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_q_bits_without_quantize_is_refused(demo_checkpoint, tokenizer_path, tmp_path, capsys):
+    for option in (["--q-bits", "8"], ["--q-group-size", "32"]):
+        outcome = in_process(capsys, "convert", "--hf-path", demo_checkpoint, "--mlx-path",
+                             tmp_path / "q", "--tokenizer", tokenizer_path, *option)
+        one_line_error_in_process(outcome, option[0], "-q")
+        assert not (tmp_path / "q").exists()
+
+
+def test_metadata_less_checkpoint_of_another_shape_gets_the_shape_error(
+        demo_checkpoint, tokenizer_path, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(demo_checkpoint)), str(bare))
+    outcome = in_process(capsys, "convert", "--hf-path", bare, "--mlx-path", tmp_path / "out",
+                         "--tokenizer", tokenizer_path)
+    one_line_error_in_process(outcome, "genesis_147m", "has shape", "implies")
 
 
 def test_a_given_tokenizer_wins_over_the_models_own(demo_checkpoint, tokenizer_path, tmp_path,

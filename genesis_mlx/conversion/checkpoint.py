@@ -140,12 +140,16 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
         weights = mx.load(str(path))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
+    described = f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG
+    # Shapes first, on a model without the RoPE buffers: a checkpoint of another shape
+    # is named as such, not as RoPE frequencies that do not fit its heads.
+    plain = Model(args)
+    check_shapes(plain, plain.sanitize(weights), path, described)
     args.rope_inv_freq = checkpoint_rope_frequencies(args, weights, path)
     args.rope_table_length = rounded_rope_table_length(args, header)
     model = Model(args)
     weights = model.sanitize(weights)
-    check_shapes(model, weights, path,
-                 f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG)
+    check_shapes(model, weights, path, described)
     return args, weights
 
 
