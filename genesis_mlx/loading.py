@@ -18,6 +18,7 @@ from .conversion.convert import (FORMAT_VERSION, build_model_tokenizer, convert,
                                  stop_token_ids)
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
+from .output_dir import WRITING_MARKER, check_complete
 
 CACHE_ROOT = Path(os.environ.get("GENESIS_MLX_CACHE", "~/.cache/genesis-mlx")).expanduser()
 
@@ -34,9 +35,10 @@ def converted_cache_dir(checkpoint: Path) -> Path:
 
 
 def is_current(directory: Path) -> bool:
-    """Converted by this version's format (older cached conversions are redone)."""
-    return is_converted(directory) and read_config(directory).get(
-        "genesis_mlx_format", 1) >= FORMAT_VERSION
+    """Converted, whole, by this version's format (older or interrupted cached
+    conversions are redone)."""
+    return (is_converted(directory) and not (directory / WRITING_MARKER).exists()
+            and read_config(directory).get("genesis_mlx_format", 1) >= FORMAT_VERSION)
 
 
 def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
@@ -56,6 +58,7 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None) -> Path:
     tokenizer = tokenizer_source(tokenizer)
     path = Path(src).expanduser()
     if path.is_dir():
+        check_complete(path)
         if is_converted(path):
             return path
         return convert_once(find_checkpoint_file(path), tokenizer)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import logits_tolerance
+from conftest import logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -174,6 +174,42 @@ def test_bad_input(trained, tmp_path, tokenizer_path):
     result = cli("generate", "--model", str(other), "--adapter-path", str(adapters),
                  "--prompt", "hi", "--max-tokens", "2")
     one_line_error(result, "do not fit this model")
+
+
+def in_process(capsys, *argv):
+    """The CLI in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from genesis_mlx.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_fuse_force_keeps_other_files_and_never_writes_over_the_model(trained, tmp_path,
+                                                                      capsys):
+    model_dir, adapters, _, _ = trained
+    argv = ["fuse", "--model", model_dir, "--adapter-path", adapters, "--force"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = in_process(capsys, *argv, "--save-path", mine)
+    assert code == 2 and "notes.txt" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    fused = tmp_path / "fused"
+    assert in_process(capsys, *argv, "--save-path", fused)[0] == 0
+    (fused / "notes.txt").write_text("keep")
+    # over a fused model: replaced, the user's file kept, the given tokenizer written
+    small = small_tokenizer(tmp_path / "small.json")
+    code, _, err = in_process(capsys, *argv, "--save-path", fused, "--tokenizer", small)
+    assert code == 0 and (fused / "notes.txt").read_text() == "keep", err
+    _, tokenizer = g.load(str(fused))
+    assert tokenizer.encode("hello world", add_special_tokens=False) == [1, 2]
+
+    before = sorted(p.name for p in model_dir.iterdir())
+    code, _, err = in_process(capsys, *argv, "--save-path", model_dir)
+    assert code == 2 and "--model" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
 def test_gradients_reach_gla_and_fox_layers(trained):

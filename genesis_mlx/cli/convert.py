@@ -18,7 +18,9 @@ def add_arguments(p):
                    help=f"quantization group size with -q: 32, 64 or 128 (default {Q_GROUP_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help="GPT-NeoX tokenizer.json or directory (default: EleutherAI/pythia-70m)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --mlx-path")
+    p.add_argument("--force", action="store_true",
+                   help="replace the model already in --mlx-path (files genesis-mlx did not "
+                        "write are kept; a directory of other files is refused)")
 
 
 def run(args):
