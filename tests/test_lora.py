@@ -185,6 +185,65 @@ def in_process(capsys, *argv):
     return code, out, err
 
 
+def write_sized_data(directory, train=8, valid=4, test=4, blank_line=False):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in [("train", train), ("valid", valid), ("test", test)]:
+        lines = [json.dumps({"text": "The sky is blue."})] * n
+        if blank_line and name == "train":
+            lines.insert(1, "")
+        (directory / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return directory
+
+
+LORA_MISTAKES = [  # (examples per file, options, what the one line must say)
+    (dict(valid=0), ["--train"], ("valid.jsonl", "empty")),
+    (dict(train=3), ["--train", "--batch-size", "4"], ("train.jsonl", "--batch-size 4")),
+    (dict(valid=3), ["--train", "--batch-size", "4"], ("valid.jsonl", "--batch-size 4")),
+    (dict(test=3), ["--test", "--batch-size", "4"], ("test.jsonl", "--batch-size 4")),
+    ({}, ["--train", "--num-layers", "0"], ("--num-layers 0", "at least 1")),
+    ({}, ["--train", "--num-layers", "-2"], ("--num-layers -2", "at least 1")),
+    ({}, [], ("--train", "--test")),
+    ({}, ["--train", "--seed", "-1"], ("--seed -1", "0 to")),
+    ({}, ["--train", "--learning-rate", "nan"], ("--learning-rate nan", "finite")),
+    ({}, ["--train", "--scale", "inf"], ("--scale inf", "finite")),
+    ({}, ["--train", "--batch-size", "0"], ("--batch-size 0", "at least 1")),
+    ({}, ["--train", "--mask-prompt"], ("--mask-prompt", "'text' records")),
+    (dict(blank_line=True), ["--train"], ("train.jsonl:2", "blank line")),
+]
+
+
+@pytest.mark.parametrize("sizes,options,needles", LORA_MISTAKES,
+                         ids=[" ".join(map(str, m[2])) for m in LORA_MISTAKES])
+def test_lora_mistakes_are_one_line_before_anything_is_written(trained, tmp_path, capsys,
+                                                                sizes, options, needles):
+    model_dir, _, _, _ = trained
+    data = write_sized_data(tmp_path / "data", **sizes)
+    adapters = tmp_path / "adapters"
+    code, _, err = in_process(capsys, "lora", "--model", model_dir, "--data", data, "--iters",
+                              "1", "--adapter-path", adapters, *options)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert all(needle in lines[0] for needle in needles), lines[0]
+    assert not adapters.exists()
+
+
+def test_a_failed_training_leaves_no_adapter_config_alone(trained, tmp_path, capsys,
+                                                          monkeypatch):
+    import mlx_lm.lora
+
+    model_dir, _, _, _ = trained
+    data = write_sized_data(tmp_path / "data")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_lm.lora, "train", interrupted)
+    code, _, _ = in_process(capsys, "lora", "--model", model_dir, "--data", data, "--train",
+                            "--iters", "1", "--batch-size", "2", "--adapter-path",
+                            tmp_path / "adapters")
+    assert code == 130 and not (tmp_path / "adapters").exists()
+
+
 def test_fuse_force_keeps_other_files_and_never_writes_over_the_model(trained, tmp_path,
                                                                       capsys):
     model_dir, adapters, _, _ = trained
