@@ -12,11 +12,13 @@ from typing import Optional, Tuple
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .conversion.checkpoint import DEFAULT_REPO, download_repo, find_checkpoint_file
+from .conversion.checkpoint import (DEFAULT_REPO, download_repo, find_checkpoint_file,
+                                    safetensors_damage)
 from .conversion.convert import build_model_tokenizer, convert, read_config, stop_token_ids
 from .conversion.mlx_lm_files import FORMAT_VERSION
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
+from .output_dir import WRITING_MARKER, check_complete
 
 CACHE_ROOT = Path(os.environ.get("GENESIS_MLX_CACHE", "~/.cache/genesis-mlx")).expanduser()
 
@@ -37,8 +39,10 @@ def directory_format(directory: Path) -> int:
 
 
 def is_current(directory: Path) -> bool:
-    """Converted by this version's format (older cached conversions are redone)."""
-    return is_converted(directory) and directory_format(directory) >= FORMAT_VERSION
+    """Converted, whole, by this version's format (older or interrupted cached
+    conversions are redone)."""
+    return (is_converted(directory) and not (directory / WRITING_MARKER).exists()
+            and directory_format(directory) >= FORMAT_VERSION)
 
 
 def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
@@ -58,6 +62,7 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None) -> Path:
     tokenizer = tokenizer_source(tokenizer)
     path = Path(src).expanduser()
     if path.is_dir():
+        check_complete(path)
         if is_converted(path):
             return path
         return convert_once(find_checkpoint_file(path), tokenizer)
@@ -97,10 +102,10 @@ def has_tokenizer(model_dir: Path) -> bool:
 
 
 def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]):
-    """The directory's own tokenizer; for a directory converted without one (as
-    ``bench`` writes them), the one ``tokenizer`` names, built in memory: the user's
-    directory is left as it is."""
-    if has_tokenizer(model_dir):
+    """The tokenizer ``tokenizer`` names, if given, else the directory's own, else
+    $GENESIS_MLX_TOKENIZER's (for a directory converted without one, as ``bench``
+    writes them). One named is built in memory: the directory is left as it is."""
+    if tokenizer is None and has_tokenizer(model_dir):
         return load_quietly(model_dir, config.get("eos_token_id"))
     source = tokenizer_source(tokenizer)
     if source is None:
@@ -124,6 +129,16 @@ def load_genesis_model(model_dir: Path, lazy: bool = False,
                       get_model_classes=get_classes)
 
 
+def check_weight_files(model_dir: Path):
+    """A weight file cut short (a full disk, a copy stopped half-way) gets its name
+    and the fix, not the loader's traceback."""
+    for path in sorted(model_dir.glob("model*.safetensors")):
+        damage = safetensors_damage(path)
+        if damage:
+            raise GenesisError(f"{path} is damaged or incomplete ({damage}); convert again "
+                               "(genesis-mlx convert --force)")
+
+
 def load_model_only(model_dir: str) -> Model:
     return load_genesis_model(Path(model_dir))[0]
 
@@ -138,6 +153,7 @@ def load(
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
     options of ModelArgs (e.g. ``{"ttt_enabled": False}``)."""
     model_dir = resolve_model_dir(src, tokenizer)
+    check_weight_files(model_dir)
     if directory_format(model_dir) < 2:
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "
               "frequencies can differ from the reference's in the last bit; convert the "

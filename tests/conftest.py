@@ -47,6 +47,17 @@ def logits_tolerance(reference):
     return 1e-4 * max(1.0, float(np.abs(reference).max()))
 
 
+def small_tokenizer(path):
+    """A tokenizer unlike GPT-NeoX: 'hello' is token 1."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, "hello": 1, "world": 2},
+                                     unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path():
     if not SHARED_TOKENIZER.is_file():

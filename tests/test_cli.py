@@ -77,6 +77,72 @@ def test_generate_bad_input(demo_model, args, needle):
     assert needle in err and "Traceback" not in err
 
 
+def in_process(capsys, *argv):
+    """The CLI in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from genesis_mlx.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--temp", "nan"), ("--temp", "inf"), ("--top-p", "nan"), ("--min-p", "nan"),
+    ("--repetition-penalty", "inf"), ("--seed", "-1"), ("--seed", str(2 ** 64)),
+])
+def test_generate_and_chat_refuse_non_finite_numbers_and_bad_seeds(demo_model, capsys,
+                                                                   option, value):
+    model_dir, _ = demo_model
+    for command in (["generate", "--prompt", "hi"], ["chat"]):
+        code, out, err = in_process(capsys, *command, "--model", model_dir, "--max-tokens", "4",
+                                    option, value)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and not out.strip(), (command, err)
+        assert f"{option} {value}" in lines[0], lines[0]
+
+
+def test_demo_refuses_a_negative_seed_before_writing(tmp_path, capsys):
+    code, _, err = in_process(capsys, "demo", "--dir", tmp_path, "--seed", "-1")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--seed -1" in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_largest_seed_is_accepted(demo_model, capsys):
+    model_dir, _ = demo_model
+    code, out, err = in_process(capsys, "generate", "--model", model_dir, "--prompt", "hi",
+                                "--max-tokens", "2", "--seed", str(2 ** 64 - 1))
+    assert code == 0 and out.strip(), err
+
+
+def test_a_truncated_model_file_says_convert_again(demo_model, tmp_path, capsys):
+    import shutil
+
+    model_dir, _ = demo_model
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    code, _, err = in_process(capsys, "generate", "--model", broken, "--prompt", "hi")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert str(weights) in lines[0] and "convert again" in lines[0], lines[0]
+
+
+def test_chat_survives_a_save_into_a_missing_directory(demo_model, tmp_path):
+    model_dir, _ = demo_model
+    session = tmp_path / "s"
+    script = (f"Hello\n/save {tmp_path}/missing/x\n/save {session}\n/reset\n"
+              f"/load {session}\n/quit\n")
+    result = subprocess.run([sys.executable, "-m", "genesis_mlx", "chat", "--model",
+                             str(model_dir), "--temp", "0", "--max-tokens", "2"],
+                            input=script.encode(), capture_output=True, timeout=600)
+    err = result.stderr.decode().strip()
+    assert result.returncode == 0 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and f"{tmp_path}/missing" in err, err
+    assert b"(1 turns)" in result.stdout, "the conversation did not survive the failed save"
+
+
 def test_generate_with_a_quantized_fox_cache(demo_model):
     model_dir, _ = demo_model
     result = cli("generate", "--model", str(model_dir), "--prompt", "Hello", "--temp", "0",

@@ -1,6 +1,8 @@
 """genesis-mlx convert: round trips, tokenizer, quantization, and bad input."""
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import logits_tolerance
+from conftest import logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.tokenizer import build_prompt
 from genesis_mlx.errors import GenesisError
@@ -29,9 +31,33 @@ ROUND_TRIPS = {
 }
 
 
-def cli(*args, env=None):
+def cli(*args, env=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "genesis_mlx", *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, cwd=cwd, timeout=600)
+
+
+def in_process(capsys, *argv):
+    """The CLI in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from genesis_mlx.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error_in_process(outcome, *needles):
+    code, _, err = outcome
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+
+    return write_reference_checkpoint(tmp_path_factory.mktemp("demo") / "demo.safetensors", DEMO)
 
 
 @pytest.fixture(scope="module")
@@ -235,19 +261,149 @@ def test_default_tokenizer_comes_from_the_hub_snapshot(tokenizer_path, tmp_path,
     assert not any(p.endswith((".bin", ".safetensors", ".pt")) for p in asked["allow_patterns"])
 
 
-def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path, tmp_path):
+def test_existing_output_is_not_overwritten(reference_checkpoint, tokenizer_path, tmp_path,
+                                            capsys):
     _, path = reference_checkpoint(vocab_size=50279)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("precious")
-    result = cli("convert", "--hf-path", str(path), "--mlx-path", str(out),
-                 "--tokenizer", tokenizer_path)
-    one_line_error(result, "--force")
-    assert (out / "notes.txt").read_text() == "precious"
-    result = cli("convert", "--hf-path", str(path), "--mlx-path", str(out),
-                 "--tokenizer", tokenizer_path, "--force")
-    assert result.returncode == 0, result.stderr
-    assert (out / "config.json").exists() and not (out / "notes.txt").exists()
+    # --force replaces a model, not a directory of someone else's files
+    for force in ([], ["--force"]):
+        outcome = in_process(capsys, "convert", "--hf-path", path, "--mlx-path", out,
+                             "--tokenizer", tokenizer_path, *force)
+        one_line_error_in_process(outcome, "notes.txt", "not part of a genesis-mlx model")
+        assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+        assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_force_replaces_only_the_files_of_a_model(demo_checkpoint, tokenizer_path, tmp_path,
+                                                  capsys):
+    out = tmp_path / "model"
+    convert(str(demo_checkpoint), str(out), tokenizer=tokenizer_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask, "the directory is private"
+    (out / "notes.txt").write_text("mine")
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"an earlier model's shard")
+    argv = ["convert", "--hf-path", demo_checkpoint, "--mlx-path", f"{out}/",
+            "--tokenizer", tokenizer_path, "-q"]
+    one_line_error_in_process(in_process(capsys, *argv), "already holds a model", "--force")
+    code, _, err = in_process(capsys, *argv, "--force")
+    assert code == 0, err
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chat_template.jinja", "config.json", "model.safetensors", "notes.txt",
+        "tokenizer.json", "tokenizer_config.json"]
+    assert "quantization" in json.loads((out / "config.json").read_text())
+    load(str(out))
+
+
+def test_force_never_writes_over_a_directory_of_other_files(demo_checkpoint, tokenizer_path,
+                                                            tmp_path, capsys, monkeypatch):
+    # As typed in a directory of one's own: its files survive, one line says why.
+    work = tmp_path / "d"
+    work.mkdir()
+    (work / "notes.txt").write_text("x")
+    result = cli("convert", "--hf-path", str(demo_checkpoint), "--mlx-path", ".",
+                 "--tokenizer", tokenizer_path, "--force", cwd=work)
+    one_line_error(result, "--mlx-path .", "notes.txt", "new or empty directory")
+    assert sorted(p.name for p in work.iterdir()) == ["notes.txt"]
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    argv = ["convert", "--hf-path", demo_checkpoint, "--tokenizer", tokenizer_path, "--force"]
+    one_line_error_in_process(in_process(capsys, *argv, "--mlx-path", "~"), "home directory")
+    assert not list(home.iterdir())
+
+    from genesis_mlx.output_dir import MODEL, check_output_dir
+
+    with pytest.raises(GenesisError, match="the root directory"):
+        check_output_dir("/", True, "--mlx-path", MODEL)
+
+
+def test_output_through_dot_trailing_slash_and_symlink(demo_checkpoint, tokenizer_path,
+                                                       tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    argv = ["convert", "--hf-path", demo_checkpoint, "--tokenizer", tokenizer_path]
+    code, _, err = in_process(capsys, *argv, "--mlx-path", ".")
+    assert code == 0, err
+    assert (empty / "config.json").is_file() and not list(empty.glob(".genesis*"))
+    link = tmp_path / "link"
+    link.symlink_to(empty)
+    code, _, err = in_process(capsys, *argv, "--mlx-path", "../link/", "--force", "-q")
+    assert code == 0, err
+    assert link.is_symlink() and "quantization" in json.loads((empty / "config.json").read_text())
+
+
+def test_an_interrupted_write_leaves_no_half_written_model(demo_checkpoint, tokenizer_path,
+                                                           tmp_path, monkeypatch):
+    from genesis_mlx import output_dir
+
+    out = convert(str(demo_checkpoint), str(tmp_path / "m"), tokenizer=tokenizer_path)
+    config = (out / "config.json").read_text()
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Stopped while writing the new files: the old model is as it was.
+    monkeypatch.setattr("genesis_mlx.conversion.convert.save_config", fail)
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(demo_checkpoint), str(out), tokenizer=tokenizer_path, force=True,
+                quantize_model=True)
+    monkeypatch.undo()
+    assert (out / "config.json").read_text() == config and not list(out.glob(".genesis*"))
+    load(str(out))
+
+    # Stopped while moving them in: the directory says so instead of loading.
+    replace = output_dir.os.replace
+    moved = []
+    monkeypatch.setattr(output_dir.os, "replace",
+                        lambda a, b: fail() if moved else moved.append(replace(a, b)))
+    with pytest.raises(KeyboardInterrupt):
+        convert(str(demo_checkpoint), str(out), tokenizer=tokenizer_path, force=True,
+                quantize_model=True)
+    monkeypatch.undo()
+    with pytest.raises(GenesisError, match="interrupted.*--force"):
+        load(str(out))
+    convert(str(demo_checkpoint), str(out), tokenizer=tokenizer_path, force=True)
+    load(str(out))
+
+
+def test_q_bits_without_quantize_is_refused(demo_checkpoint, tokenizer_path, tmp_path, capsys):
+    for option in (["--q-bits", "8"], ["--q-group-size", "32"]):
+        outcome = in_process(capsys, "convert", "--hf-path", demo_checkpoint, "--mlx-path",
+                             tmp_path / "q", "--tokenizer", tokenizer_path, *option)
+        one_line_error_in_process(outcome, option[0], "-q")
+        assert not (tmp_path / "q").exists()
+
+
+def test_metadata_less_checkpoint_of_another_shape_gets_the_shape_error(
+        demo_checkpoint, tokenizer_path, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(demo_checkpoint)), str(bare))
+    outcome = in_process(capsys, "convert", "--hf-path", bare, "--mlx-path", tmp_path / "out",
+                         "--tokenizer", tokenizer_path)
+    one_line_error_in_process(outcome, "genesis_147m", "has shape", "implies")
+
+
+def test_a_given_tokenizer_wins_over_the_models_own(demo_checkpoint, tokenizer_path, tmp_path,
+                                                    monkeypatch):
+    from genesis_mlx import loading
+
+    monkeypatch.setattr(loading, "CACHE_ROOT", tmp_path / "cache")
+    other = small_tokenizer(tmp_path / "small.json")
+    converted = convert(str(demo_checkpoint), str(tmp_path / "m"), tokenizer=tokenizer_path)
+    load(str(demo_checkpoint), tokenizer=tokenizer_path)  # the cache now has one too
+    for source in (converted, demo_checkpoint):
+        _, tok = load(str(source), tokenizer=other)
+        assert tok.encode("hello world", add_special_tokens=False) == [1, 2], source
+        _, own = load(str(source))
+        assert own.encode("hello world", add_special_tokens=False) != [1, 2]
 
 
 def test_cached_conversion_of_an_older_format_is_redone(tiny_with_real_vocab, tokenizer_path,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import logits_tolerance
+from conftest import logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -174,6 +174,101 @@ def test_bad_input(trained, tmp_path, tokenizer_path):
     result = cli("generate", "--model", str(other), "--adapter-path", str(adapters),
                  "--prompt", "hi", "--max-tokens", "2")
     one_line_error(result, "do not fit this model")
+
+
+def in_process(capsys, *argv):
+    """The CLI in this process (no start-up cost): (exit code, stdout, stderr)."""
+    from genesis_mlx.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def write_sized_data(directory, train=8, valid=4, test=4, blank_line=False):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, n in [("train", train), ("valid", valid), ("test", test)]:
+        lines = [json.dumps({"text": "The sky is blue."})] * n
+        if blank_line and name == "train":
+            lines.insert(1, "")
+        (directory / f"{name}.jsonl").write_text("".join(line + "\n" for line in lines))
+    return directory
+
+
+LORA_MISTAKES = [  # (examples per file, options, what the one line must say)
+    (dict(valid=0), ["--train"], ("valid.jsonl", "empty")),
+    (dict(train=3), ["--train", "--batch-size", "4"], ("train.jsonl", "--batch-size 4")),
+    (dict(valid=3), ["--train", "--batch-size", "4"], ("valid.jsonl", "--batch-size 4")),
+    (dict(test=3), ["--test", "--batch-size", "4"], ("test.jsonl", "--batch-size 4")),
+    ({}, ["--train", "--num-layers", "0"], ("--num-layers 0", "at least 1")),
+    ({}, ["--train", "--num-layers", "-2"], ("--num-layers -2", "at least 1")),
+    ({}, [], ("--train", "--test")),
+    ({}, ["--train", "--seed", "-1"], ("--seed -1", "0 to")),
+    ({}, ["--train", "--learning-rate", "nan"], ("--learning-rate nan", "finite")),
+    ({}, ["--train", "--scale", "inf"], ("--scale inf", "finite")),
+    ({}, ["--train", "--batch-size", "0"], ("--batch-size 0", "at least 1")),
+    ({}, ["--train", "--mask-prompt"], ("--mask-prompt", "'text' records")),
+    (dict(blank_line=True), ["--train"], ("train.jsonl:2", "blank line")),
+]
+
+
+@pytest.mark.parametrize("sizes,options,needles", LORA_MISTAKES,
+                         ids=[" ".join(map(str, m[2])) for m in LORA_MISTAKES])
+def test_lora_mistakes_are_one_line_before_anything_is_written(trained, tmp_path, capsys,
+                                                                sizes, options, needles):
+    model_dir, _, _, _ = trained
+    data = write_sized_data(tmp_path / "data", **sizes)
+    adapters = tmp_path / "adapters"
+    code, _, err = in_process(capsys, "lora", "--model", model_dir, "--data", data, "--iters",
+                              "1", "--adapter-path", adapters, *options)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert all(needle in lines[0] for needle in needles), lines[0]
+    assert not adapters.exists()
+
+
+def test_a_failed_training_leaves_no_adapter_config_alone(trained, tmp_path, capsys,
+                                                          monkeypatch):
+    import mlx_lm.lora
+
+    model_dir, _, _, _ = trained
+    data = write_sized_data(tmp_path / "data")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_lm.lora, "train", interrupted)
+    code, _, _ = in_process(capsys, "lora", "--model", model_dir, "--data", data, "--train",
+                            "--iters", "1", "--batch-size", "2", "--adapter-path",
+                            tmp_path / "adapters")
+    assert code == 130 and not (tmp_path / "adapters").exists()
+
+
+def test_fuse_force_keeps_other_files_and_never_writes_over_the_model(trained, tmp_path,
+                                                                      capsys):
+    model_dir, adapters, _, _ = trained
+    argv = ["fuse", "--model", model_dir, "--adapter-path", adapters, "--force"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = in_process(capsys, *argv, "--save-path", mine)
+    assert code == 2 and "notes.txt" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    fused = tmp_path / "fused"
+    assert in_process(capsys, *argv, "--save-path", fused)[0] == 0
+    (fused / "notes.txt").write_text("keep")
+    # over a fused model: replaced, the user's file kept, the given tokenizer written
+    small = small_tokenizer(tmp_path / "small.json")
+    code, _, err = in_process(capsys, *argv, "--save-path", fused, "--tokenizer", small)
+    assert code == 0 and (fused / "notes.txt").read_text() == "keep", err
+    _, tokenizer = g.load(str(fused))
+    assert tokenizer.encode("hello world", add_special_tokens=False) == [1, 2]
+
+    before = sorted(p.name for p in model_dir.iterdir())
+    code, _, err = in_process(capsys, *argv, "--save-path", model_dir)
+    assert code == 2 and "--model" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
 def test_gradients_reach_gla_and_fox_layers(trained):

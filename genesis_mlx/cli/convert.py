@@ -1,5 +1,8 @@
 from ..conversion.checkpoint import DEFAULT_REPO
 from ..conversion.convert import DTYPES, convert
+from ..errors import GenesisError
+
+Q_BITS, Q_GROUP_SIZE = 4, 64
 
 
 def add_arguments(p):
@@ -9,14 +12,25 @@ def add_arguments(p):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight dtype (float32 reproduces the reference's numbers)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
-    p.add_argument("--q-bits", type=int, default=4, help="bits per weight (default 4)")
-    p.add_argument("--q-group-size", type=int, default=64, help="quantization group size")
+    p.add_argument("--q-bits", type=int, default=None,
+                   help=f"bits per weight with -q: 2-6 or 8 (default {Q_BITS})")
+    p.add_argument("--q-group-size", type=int, default=None,
+                   help=f"quantization group size with -q: 32, 64 or 128 (default {Q_GROUP_SIZE})")
     p.add_argument("--tokenizer", default=None,
                    help="GPT-NeoX tokenizer.json or directory (default: EleutherAI/pythia-70m)")
-    p.add_argument("--force", action="store_true", help="overwrite a non-empty --mlx-path")
+    p.add_argument("--force", action="store_true",
+                   help="replace the model already in --mlx-path (files genesis-mlx did not "
+                        "write are kept; a directory of other files is refused)")
 
 
 def run(args):
-    out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits,
-                  args.q_group_size, args.tokenizer, args.force)
+    given = [flag for flag, value in (("--q-bits", args.q_bits),
+                                      ("--q-group-size", args.q_group_size)) if value is not None]
+    if given and not args.quantize:
+        raise GenesisError(f"{' and '.join(given)} only apply when quantizing; add -q "
+                           "(--quantize)")
+    bits = Q_BITS if args.q_bits is None else args.q_bits
+    group_size = Q_GROUP_SIZE if args.q_group_size is None else args.q_group_size
+    out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, bits, group_size,
+                  args.tokenizer, args.force)
     print(f"[genesis-mlx] converted model written to {out}")

@@ -5,6 +5,7 @@ stage a real model goes through)."""
 import tempfile
 from pathlib import Path
 
+from ..checks import check_seed
 from ..conversion.convert import convert
 from ..conversion.reference_format import DEMO, write_reference_checkpoint
 from ..generation.generate import SamplingOptions, generate
@@ -21,6 +22,7 @@ def add_arguments(p):
 
 
 def run(args):
+    check_seed(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.dir or tmp)
         checkpoint = write_reference_checkpoint(work / "genesis-demo.safetensors", DEMO, args.seed)

@@ -1,5 +1,6 @@
 import sys
 
+from ..checks import check_kv_bits
 from ..conversion.checkpoint import DEFAULT_REPO
 from ..errors import GenesisError
 from ..generation.generate import (
@@ -7,16 +8,18 @@ from ..generation.generate import (
     print_stats, stream_generate,
 )
 from ..loading import load
-from ..model.genesis import KV_BITS
+
+
+TOKENIZER_HELP = ("GPT-NeoX tokenizer.json (or its directory), used instead of the model's "
+                  "own (needed to convert a raw checkpoint offline, or for a model "
+                  "directory without one)")
 
 
 def add_model_arguments(p):
     p.add_argument("--model", default=DEFAULT_REPO,
                    help="Hub repo id, converted model directory or reference .safetensors")
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
-    p.add_argument("--tokenizer", default=None,
-                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline or "
-                   "for a model directory without a tokenizer")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--ttt", choices=["on", "off"], default="on",
                    help="test-time training while decoding (default on)")
     p.add_argument("--kv-bits", type=int, default=None,
@@ -31,7 +34,7 @@ def add_sampling_arguments(p):
     p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1 (default: random)")
     p.add_argument("--system-prompt", default=None)
 
 
@@ -42,11 +45,6 @@ def add_arguments(p):
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as plain text")
     p.add_argument("--verbose", action="store_true", help="print speed and memory")
-
-
-def check_kv_bits(bits):
-    if bits is not None and bits not in KV_BITS:
-        raise GenesisError(f"--kv-bits {bits}: use 4 or 8 (or leave it out: exact)")
 
 
 def sampling_from(args) -> SamplingOptions:

@@ -1,13 +1,13 @@
-from pathlib import Path
-
 from ..loading import load
-from ..tuning.lora import check_adapter_dir, check_data, run_lora, training_args
+from ..tuning.lora import check_run, run_lora, training_args
+from .generate import TOKENIZER_HELP
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="converted model directory, Hub id or "
                    "reference .safetensors (a quantized model gives QLoRA)")
-    p.add_argument("--train", action="store_true", help="train adapters")
+    p.add_argument("--train", action="store_true",
+                   help="train adapters (--train, --test or both)")
     p.add_argument("--test", action="store_true", help="report the loss on test.jsonl")
     p.add_argument("--data", required=True,
                    help="directory with train.jsonl, valid.jsonl (and test.jsonl)")
@@ -15,7 +15,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--num-layers", type=int, default=None,
-                   help="blocks to adapt, from the top (default: 16, or all if fewer)")
+                   help="blocks to adapt, from the top: 1 or more (default: 16, or all if "
+                        "fewer)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--scale", type=float, default=20.0, help="LoRA scale (mlx-lm's)")
     p.add_argument("--adapter-path", default="adapters")
@@ -30,26 +31,27 @@ def add_arguments(p):
     p.add_argument("--val-batches", type=int, default=25)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--force", action="store_true", help="overwrite existing adapters")
+    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    p.add_argument("--force", action="store_true",
+                   help="replace the adapters already in --adapter-path (files genesis-mlx "
+                        "did not write are kept; a directory of other files is refused)")
 
 
 def run(args):
-    # Bad data or an adapter directory in the way: said before the model loads.
-    check_data(Path(args.data), args.train, args.test)
-    if args.train:
-        check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file, args.force)
-    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
     options = training_args(
         model=args.model, train=args.train, test=args.test, data=args.data,
         iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
-        num_layers=args.num_layers or min(16, len(model.layers)), adapter_path=args.adapter_path,
+        num_layers=args.num_layers, adapter_path=args.adapter_path,
         resume_adapter_file=args.resume_adapter_file, grad_checkpoint=args.grad_checkpoint,
-        mask_prompt=args.mask_prompt, seed=args.seed,
-        max_seq_length=args.max_seq_length or model.args.block_size,
+        mask_prompt=args.mask_prompt, seed=args.seed, max_seq_length=args.max_seq_length,
         steps_per_report=args.steps_per_report, steps_per_eval=args.steps_per_eval,
-        val_batches=args.val_batches, save_every=args.save_every,
+        val_batches=args.val_batches, save_every=args.save_every, force=args.force,
         lora_parameters={"rank": args.rank, "dropout": 0.0, "scale": args.scale},
     )
-    options.force = args.force
+    # Bad options or data, or an adapter directory in the way: said before the model loads.
+    check_run(options)
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+    if options.num_layers is None:
+        options.num_layers = min(16, len(model.layers))
+    options.max_seq_length = options.max_seq_length or model.args.block_size
     run_lora(model, tokenizer, options)

@@ -16,20 +16,41 @@ CONFIG_KEY = "genesis_config_json"
 DEFAULT_REPO = "guiferrarib/genesis-152m-instruct"
 
 
+def parse_safetensors_header(path: Path) -> Tuple[dict, int]:
+    """The JSON header of a safetensors file and the file size it implies; ValueError
+    if it is not one."""
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise ValueError("file shorter than a safetensors header")
+        (header_len,) = struct.unpack("<Q", raw_len)
+        if header_len > 100_000_000:
+            raise ValueError("implausible header length")
+        header = json.loads(f.read(header_len))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    try:
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items()
+                if name != "__metadata__"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise ValueError("a tensor entry without valid data_offsets") from None
+    return header, 8 + header_len + max(ends, default=0)
+
+
+def safetensors_damage(path: Path) -> Optional[str]:
+    """What is wrong with a safetensors file that cannot be read whole, or None."""
+    try:
+        _, size = parse_safetensors_header(path)
+    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        return str(e)
+    actual = path.stat().st_size
+    return f"{actual} of its {size} bytes" if actual < size else None
+
+
 def read_safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file; a clear error if it is not one."""
     try:
-        with open(path, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise ValueError("file shorter than a safetensors header")
-            (header_len,) = struct.unpack("<Q", raw_len)
-            if header_len > 100_000_000:
-                raise ValueError("implausible header length")
-            header = json.loads(f.read(header_len))
-            if not isinstance(header, dict):
-                raise ValueError("header is not a JSON object")
-            return header
+        return parse_safetensors_header(path)[0]
     except (ValueError, UnicodeDecodeError, struct.error) as e:
         raise GenesisError(
             f"{path} is not a safetensors file ({e}); Genesis checkpoints load from "
@@ -119,12 +140,16 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
         weights = mx.load(str(path))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
+    described = f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG
+    # Shapes first, on a model without the RoPE buffers: a checkpoint of another shape
+    # is named as such, not as RoPE frequencies that do not fit its heads.
+    plain = Model(args)
+    check_shapes(plain, plain.sanitize(weights), path, described)
     args.rope_inv_freq = checkpoint_rope_frequencies(args, weights, path)
     args.rope_table_length = rounded_rope_table_length(args, header)
     model = Model(args)
     weights = model.sanitize(weights)
-    check_shapes(model, weights, path,
-                 f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG)
+    check_shapes(model, weights, path, described)
     return args, weights
 
 

@@ -2,8 +2,6 @@
 tokenizer files), optionally cast or quantized."""
 
 import json
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,6 +13,7 @@ from mlx_lm.utils import save_config
 
 from ..errors import GenesisError
 from ..model.genesis import Model
+from ..output_dir import MODEL, check_output_dir, write_output_dir
 from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
 from .mlx_lm_files import FORMAT_VERSION, write_model_file, write_tokenizer
 from .tokenizer import build_tokenizer, chat_token_ids
@@ -48,31 +47,15 @@ def quantize(model: nn.Module, bits: int, group_size: int) -> dict:
     return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
 
 
-def check_output_dir(path: Path, force: bool, flag: str = "--mlx-path"):
-    if path.exists() and not path.is_dir():
-        raise GenesisError(f"{flag} {path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise GenesisError(
-            f"{flag} {path} exists and is not empty; choose another path or pass "
-            "--force to overwrite it"
-        )
-
-
 def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], None]) -> Path:
-    """Writes model.safetensors plus what ``write_rest`` adds next to the destination,
-    then moves it into place: an interrupted run leaves no half-written model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".genesis-write-", dir=out.parent))
-    try:
+    """Writes model.safetensors plus what ``write_rest`` adds, staged, then moved into
+    place: an interrupted run leaves no half-written model."""
+    def fill(staging: Path):
         mx.save_safetensors(str(staging / "model.safetensors"),
                             dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
         write_rest(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+
+    return write_output_dir(out, fill, MODEL)
 
 
 def build_model_tokenizer(source: Optional[str], vocab_size: int):
@@ -103,8 +86,7 @@ def convert(
     with_tokenizer: bool = True,
 ) -> Path:
     """``with_tokenizer=False`` writes the model alone (benchmarks of random models)."""
-    out = Path(mlx_path).expanduser()
-    check_output_dir(out, force)
+    out = check_output_dir(mlx_path, force, "--mlx-path")
     if dtype not in DTYPES:
         raise GenesisError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if quantize_model and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in GROUP_SIZES):

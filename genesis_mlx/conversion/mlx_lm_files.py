@@ -53,8 +53,10 @@ def model_file_source(format_version: int = FORMAT_VERSION) -> str:
 
 
 def write_model_file(directory: Path, config: dict):
-    """The model file, and its name in the config (before config.json is saved)."""
-    (directory / MODEL_FILE).write_text(model_file_source())
+    """The model file for the directory's format, and its name in the config (before
+    config.json is saved)."""
+    source = model_file_source(config.get("genesis_mlx_format", FORMAT_VERSION))
+    (directory / MODEL_FILE).write_text(source)
     config["model_file"] = MODEL_FILE
 
 

@@ -125,10 +125,16 @@ class ChatSession:
         if target.exists() and target.resolve() != self.session_file:
             raise GenesisError(f"{target} exists and is not this session's file; save "
                                "under another name (or delete it first)")
+        if not target.parent.is_dir():
+            raise GenesisError(f"cannot save to {target}: there is no directory "
+                               f"{target.parent}; create it first, or save elsewhere")
         meta = {"history": json.dumps(self.history), "system_prompt": self.system_prompt,
                 "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer)),
                 "cache_layout": str(CACHE_LAYOUT)}
-        save_prompt_cache(str(target), self.cache, meta)
+        try:
+            save_prompt_cache(str(target), self.cache, meta)
+        except (OSError, RuntimeError) as e:  # MLX says RuntimeError for an unwritable file
+            raise GenesisError(f"cannot save to {target} ({e}); save elsewhere") from None
         self.session_file = target.resolve()
         return target
 

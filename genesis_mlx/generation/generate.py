@@ -11,6 +11,7 @@ from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_stream_generate
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
 
+from ..checks import check_finite, check_seed
 from ..errors import GenesisError
 
 # The reference CLI's defaults (genesis/cli.py).
@@ -36,6 +37,11 @@ class SamplingOptions:
     seed: Optional[int] = None
 
     def validate(self):
+        for flag, value in (("--temp", self.temp), ("--top-p", self.top_p),
+                            ("--min-p", self.min_p),
+                            ("--repetition-penalty", self.repetition_penalty)):
+            check_finite(flag, value)
+        check_seed(self.seed)
         if self.temp < 0:
             raise GenesisError(f"--temp {self.temp}: temperature must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:

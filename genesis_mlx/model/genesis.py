@@ -23,6 +23,7 @@ import mlx.nn as nn
 from mlx_lm.models.base import BaseModelArgs
 
 from .. import kernels
+from ..checks import KV_BITS
 from ..fastmath import exp, sigmoid, silu
 from .cache import FoxCache, GLACache, QuantizedFoxCache, TTTCache, first_real
 from .decode import TokenDecoder
@@ -133,9 +134,6 @@ def unsupported_config_reason(args: ModelArgs) -> Optional[str]:
     if args.use_ttt and args.ttt_mode != "dual":
         return f"ttt_mode={args.ttt_mode!r} (only 'dual' is ported)"
     return None
-
-
-KV_BITS = (4, 8)
 
 
 class ZeroCenteredRMSNorm(nn.Module):

@@ -6,9 +6,12 @@ checking the user's data and paths before anything runs."""
 import json
 import types
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
+from ..checks import check_at_least_one, check_finite, check_seed
 from ..errors import GenesisError
+from ..output_dir import ADAPTERS, check_output_dir, remove_our_files
+from .adapters import check_adapters_exist, load_adapters
 
 # Projections that get adapters: attention (GLA and FoX) and the FFN. The per-head
 # gate projections (gk/b/fgate, output width n_head) stay frozen.
@@ -27,14 +30,16 @@ def data_format(record) -> Optional[str]:
     return None
 
 
-def check_jsonl(path: Path) -> int:
-    """Every line must be a JSON object in one of the formats mlx-lm reads, and all
-    lines of a file in the same one (mlx-lm picks the format from the first)."""
+def check_jsonl(path: Path) -> Tuple[int, Optional[str]]:
+    """(examples, format): every line must be a JSON object in one of the formats
+    mlx-lm reads, all of a file's in the same one (mlx-lm picks the format from the
+    first); mlx-lm parses every line, blank ones too."""
     count, first = 0, None
     with open(path, encoding="utf-8", errors="strict") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
-                continue
+                raise GenesisError(f"{path}:{number}: blank line; remove it (every line "
+                                   "must be one JSON example)")
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -49,35 +54,81 @@ def check_jsonl(path: Path) -> int:
                 raise GenesisError(f"{path}:{number}: '{kind}' record in a file of '{first}' "
                                    "records; use one format per file")
             count += 1
-    return count
+    return count, first
 
 
-def check_data(data_dir: Path, train: bool, test: bool):
+def check_split(path: Path, used: bool, batch_size: int, mask_prompt: bool):
+    """mlx-lm reads every file present (an empty one fails inside it) and batches
+    those it uses: each must fill a batch."""
+    try:
+        count, kind = check_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise GenesisError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if count == 0:
+        raise GenesisError(f"{path} is empty: it holds no examples; add some, or delete "
+                           "the file")
+    if used and count < batch_size:
+        raise GenesisError(f"{path} holds {count} example(s), fewer than --batch-size "
+                           f"{batch_size}; add examples or lower --batch-size")
+    if mask_prompt and kind == "text":
+        raise GenesisError(f"--mask-prompt needs 'messages' or 'prompt'/'completion' "
+                           f"records; {path} holds 'text' records")
+
+
+def check_data(data_dir: Path, train: bool, test: bool, batch_size: int = 1,
+               mask_prompt: bool = False):
     if not data_dir.is_dir():
         raise GenesisError(f"--data {data_dir}: not a directory (it must hold train.jsonl, "
                            "valid.jsonl, optionally test.jsonl)")
-    needed = (["train.jsonl"] if train else []) + (["test.jsonl"] if test else [])
-    for name in ["train.jsonl", "valid.jsonl", "test.jsonl"]:
+    # Training validates on valid.jsonl when it is there.
+    used = {"train.jsonl": train, "valid.jsonl": train, "test.jsonl": test}
+    for name, is_used in used.items():
         path = data_dir / name
-        if not path.exists():
-            if name in needed:
-                raise GenesisError(f"--data {data_dir}: {name} is missing")
-            continue
-        try:
-            if check_jsonl(path) == 0 and name in needed:
-                raise GenesisError(f"{path} is empty: it holds no examples")
-        except UnicodeDecodeError as e:
-            raise GenesisError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        if path.exists():
+            check_split(path, is_used, batch_size, mask_prompt)
+        elif is_used and name != "valid.jsonl":
+            raise GenesisError(f"--data {data_dir}: {name} is missing")
+
+
+def check_options(train: bool, test: bool, batch_size: int, iters: int,
+                  num_layers: Optional[int], rank: int, seed: int, learning_rate: float,
+                  scale: float):
+    """The numbers a run needs, checked before the model loads."""
+    if not (train or test):
+        raise GenesisError("nothing to do: pass --train to fine-tune adapters, --test to "
+                           "report the loss on test.jsonl, or both")
+    check_at_least_one("--batch-size", batch_size)
+    check_at_least_one("--iters", iters)
+    check_at_least_one("--rank", rank)
+    if num_layers is not None:
+        check_at_least_one("--num-layers", num_layers)
+    check_seed(seed)
+    check_finite("--learning-rate", learning_rate)
+    check_finite("--scale", scale)
 
 
 def check_adapter_dir(adapter_path: Path, resume: Optional[str], force: bool):
-    existing = adapter_path / "adapters.safetensors"
-    if existing.exists() and not force and resume is None:
-        raise GenesisError(
-            f"--adapter-path {adapter_path} already holds adapters; choose another path, "
-            "resume with --resume-adapter-file, or pass --force to overwrite")
+    """Where training writes; resuming continues in a directory that holds adapters."""
     if resume is not None and not Path(resume).is_file():
         raise GenesisError(f"--resume-adapter-file {resume}: no such file")
+    check_output_dir(adapter_path, force or resume is not None, "--adapter-path", ADAPTERS)
+
+
+def check_run(args: types.SimpleNamespace, model=None):
+    """Everything checkable before training, given run_lora's ``args``; the layer
+    count once ``model`` is loaded."""
+    check_options(args.train, args.test, args.batch_size, args.iters, args.num_layers,
+                  args.lora_parameters["rank"], args.seed, args.learning_rate,
+                  args.lora_parameters["scale"])
+    check_data(Path(args.data), args.train, args.test, args.batch_size, args.mask_prompt)
+    if args.train:
+        check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file,
+                          getattr(args, "force", False))
+    else:
+        check_adapters_exist(Path(args.adapter_path))
+    if model is not None and args.num_layers > len(model.layers):
+        raise GenesisError(f"--num-layers {args.num_layers}: the model has "
+                           f"{len(model.layers)} layers")
 
 
 def training_args(**options) -> types.SimpleNamespace:
@@ -107,26 +158,38 @@ def progress_callback():
     return Progress()
 
 
+def train_adapters(args: types.SimpleNamespace, model, train_set, valid_set, callback):
+    """mlx-lm's training; with --force, our earlier adapters go first (no old
+    checkpoints mixed with the new ones). mlx-lm writes adapter_config.json before the
+    first step: a run stopped before any adapters are saved takes it back."""
+    from mlx_lm.lora import train_model
+
+    adapter_dir = Path(args.adapter_path)
+    made = not adapter_dir.exists()
+    if not made and getattr(args, "force", False) and args.resume_adapter_file is None:
+        remove_our_files(adapter_dir, ADAPTERS)
+    try:
+        train_model(args, model, train_set, valid_set, callback)
+    except BaseException:
+        if not any(adapter_dir.glob("*adapters.safetensors")):
+            (adapter_dir / "adapter_config.json").unlink(missing_ok=True)
+            if made and adapter_dir.is_dir() and not any(adapter_dir.iterdir()):
+                adapter_dir.rmdir()
+        raise
+
+
 def run_lora(model, tokenizer, args: types.SimpleNamespace, callback=None):
     """Trains (``args.train``) and/or tests (``args.test``) adapters on ``model``."""
-    from mlx_lm.lora import evaluate_model, train_model
+    from mlx_lm.lora import evaluate_model
     from mlx_lm.tuner.datasets import load_dataset
 
-    data_dir = Path(args.data)
-    check_data(data_dir, args.train, args.test)
-    if args.num_layers > len(model.layers) or args.num_layers < 1:
-        raise GenesisError(f"--num-layers {args.num_layers}: the model has "
-                           f"{len(model.layers)} layers")
-    if args.train:
-        check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file, args.force)
+    check_run(args, model)
     train_set, valid_set, test_set = load_dataset(args, tokenizer)
     model.train()  # TTT and selective activation are inference-only, as in the reference
     if args.train:
-        train_model(args, model, train_set, valid_set, callback or progress_callback())
+        train_adapters(args, model, train_set, valid_set, callback or progress_callback())
     if args.test:
         if not args.train:
-            from .adapters import load_adapters
-
             load_adapters(model, args.adapter_path)
         model.eval()
         evaluate_model(args, model, test_set)
