@@ -7,7 +7,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
-os.environ.setdefault("MLX_ENABLE_TF32", "0")  # fp32 tolerances assume fp32 matmuls (GPU runs)
 
 SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox/tokenizer.json"
 

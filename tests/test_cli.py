@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from genesis_mlx.conversion.convert import convert
@@ -47,15 +49,48 @@ def test_generate_is_deterministic_and_greedy_matches_api(demo_model):
     assert first.stdout.decode().rstrip("\n") == text
 
 
+def prompt_tokens(stderr: bytes) -> int:
+    line = [l for l in stderr.decode().splitlines() if l.startswith("Prompt:")][0]
+    return int(line.split()[1])
+
+
 def test_generate_reads_stdin_and_raw_checkpoints(demo_model, tokenizer_path, tmp_path):
-    _, checkpoint = demo_model
+    """A prompt on stdin is the prompt (its tokens counted with --verbose), from a raw
+    reference checkpoint (converted once into the cache) as from its directory."""
+    import genesis_mlx as g
+
+    model_dir, checkpoint = demo_model
     env = dict(os.environ, GENESIS_MLX_CACHE=str(tmp_path), GENESIS_MLX_TOKENIZER=tokenizer_path)
+    text = "Once upon a time, in a land far away"
+    options = ["--max-tokens", "3", "--temp", "0", "--verbose", "--ignore-chat-template"]
     result = subprocess.run(
         [sys.executable, "-m", "genesis_mlx", "generate", "--model", str(checkpoint),
-         "--prompt", "-", "--max-tokens", "4", "--seed", "1"],
-        input="Once upon a time".encode(), capture_output=True, env=env, timeout=600)
+         "--prompt", "-", *options],
+        input=text.encode(), capture_output=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr.decode()
     assert list((tmp_path / "converted").iterdir()), "raw checkpoint was not converted into the cache"
+    _, tokenizer = g.load(str(model_dir))
+    assert prompt_tokens(result.stderr) == len(tokenizer.encode(text, add_special_tokens=False))
+    same = cli("generate", "--model", str(model_dir), "--prompt", text, *options)
+    assert same.stdout == result.stdout
+
+
+def test_generate_system_prompt_is_the_first_turn(demo_model):
+    import genesis_mlx as g
+
+    model_dir, _ = demo_model
+    greedy = ["--prompt", "Hello", "--max-tokens", "8", "--temp", "0", "--verbose"]
+    result = cli("generate", "--model", str(model_dir), "--system-prompt", "Answer in French.",
+                 *greedy)
+    assert result.returncode == 0, result.stderr.decode()
+    model, tokenizer = g.load(str(model_dir))
+    want = g.generate(model, tokenizer, "Hello", 8, sampling=g.SamplingOptions(temp=0.0),
+                      system_prompt="Answer in French.")
+    assert result.stdout.decode().rstrip("\n") == want
+    prompt = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}]
+    n_prompt = len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    assert prompt_tokens(result.stderr) == n_prompt
+    assert prompt_tokens(cli("generate", "--model", str(model_dir), *greedy).stderr) != n_prompt
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -143,12 +178,24 @@ def test_chat_survives_a_save_into_a_missing_directory(demo_model, tmp_path):
     assert b"(1 turns)" in result.stdout, "the conversation did not survive the failed save"
 
 
+def cache_megabytes(stderr: bytes) -> float:
+    line = [l for l in stderr.decode().splitlines() if l.startswith("Cache:")][0]
+    return float(line.split()[1])
+
+
 def test_generate_with_a_quantized_fox_cache(demo_model):
+    """--kv-bits 8 and 4 store the FoX layers' K and V in fewer bytes (said with
+    --verbose), and still generate."""
     model_dir, _ = demo_model
-    result = cli("generate", "--model", str(model_dir), "--prompt", "Hello", "--temp", "0",
-                 "--max-tokens", "10", "--kv-bits", "8", "--verbose")
-    assert result.returncode == 0, result.stderr.decode()
-    assert b"Generation: 10 tokens" in result.stderr and result.stdout.strip()
+    sizes = {}
+    for bits in (None, 8, 4):
+        flag = [] if bits is None else ["--kv-bits", str(bits)]
+        result = cli("generate", "--model", str(model_dir), "--prompt", "Hello " * 40,
+                     "--temp", "0", "--max-tokens", "10", "--verbose", *flag)
+        assert result.returncode == 0, result.stderr.decode()
+        assert b"Generation: 10 tokens" in result.stderr and result.stdout.strip()
+        sizes[bits] = cache_megabytes(result.stderr)
+    assert sizes[4] < sizes[8] < sizes[None], sizes
 
 
 def test_generate_rejects_non_utf8_stdin(demo_model):
@@ -190,6 +237,15 @@ class Terminal:
         self.buffer = b""
         return found
 
+    def read_more(self, timeout=120):
+        """Waits for output beyond what was read."""
+        end = time.time() + timeout
+        while not self.buffer:
+            if time.time() > end:
+                raise AssertionError("timed out waiting for more output")
+            if select.select([self.fd], [], [], 0.2)[0]:
+                self.buffer += os.read(self.fd, 4096)
+
     def send(self, data: bytes):
         os.write(self.fd, data)
 
@@ -204,7 +260,8 @@ def test_chat_repl_multi_turn_reset_interrupt_save_load(demo_model, tmp_path):
                      "--temp", "0", "--max-tokens", "2000"])
     term.read_until(b"User: ")
     term.send(b"Hello there\r")
-    time.sleep(1.0)
+    term.read_until(b"Assistant: ")
+    term.read_more()  # the answer has started streaming
     term.send(b"\x03")  # Ctrl-C during a long answer stops it, not the program
     out = term.read_until(b"User: ")
     assert b"answer stopped" in out
@@ -262,6 +319,71 @@ def test_chat_session_turns_cost_only_their_own_tokens(demo_model):
     turn = tokenizer.encode(session.turn_text("And again"), add_special_tokens=False)
     assert calls[0] <= len(turn), "the second turn re-read the history"
     assert session.n_tokens > before and len(session.history) == 4
+
+
+def test_chat_context_overflow_keeps_the_recent_turns(demo_model):
+    """When a turn would not fit the context, the oldest turns are dropped and the
+    rest re-read: the chat goes on within the context, and after a rebuild the state
+    is a fresh read of the kept history."""
+    import genesis_mlx as g
+    from genesis_mlx.conversion.tokenizer import render_chat
+    from genesis_mlx.generation.chat import ChatSession
+    from genesis_mlx.generation.generate import prefill
+
+    model_dir, _ = demo_model
+    model, tokenizer = g.load(str(model_dir))
+    model.args.block_size = 160
+    notices = []
+    session = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), max_tokens=8)
+    for turn in range(8):
+        "".join(session.ask(f"Tell me about the number {turn}, please", notice=notices.append))
+        assert session.n_tokens <= model.args.block_size, turn
+    assert notices and notices[0].startswith("context full: dropped")
+    kept = [m["content"] for m in session.history if m["role"] == "user"]
+    assert kept[-1] == "Tell me about the number 7, please" and len(kept) < 8
+    session.rebuild(notices.append)
+    system = {"role": "system", "content": session.system_prompt}
+    ids = tokenizer.encode(render_chat([system, *session.history], add_generation_prompt=False),
+                           add_special_tokens=False)[:-1]  # the next turn adds the newline
+    fresh = model.make_cache()
+    prefill(model, ids, fresh)
+    probe = mx.array([tokenizer.encode(session.turn_text("next"), add_special_tokens=False)])
+    assert session.n_tokens == len(ids)
+    assert np.abs(np.array(model(probe, cache=session.cache))
+                  - np.array(model(probe, cache=fresh))).max() <= 1e-5
+
+
+def test_chat_system_command_sets_the_first_turn(demo_model, tmp_path):
+    """/system TEXT resets the chat with TEXT as its system turn: the state the REPL
+    saves after a turn is the state of a session with that system prompt."""
+    import genesis_mlx as g
+    from mlx_lm.models.cache import load_prompt_cache
+
+    from genesis_mlx.generation.chat import ChatSession
+
+    model_dir, _ = demo_model
+    term = Terminal([sys.executable, "-m", "genesis_mlx", "chat", "--model", str(model_dir),
+                     "--temp", "0", "--max-tokens", "6"])
+    term.read_until(b"User: ")
+    term.send(b"/system Answer in French.\r")
+    assert b"system prompt set to 'Answer in French.'; conversation reset" in term.read_until(b"User: ")
+    term.send(b"Hello\r")
+    term.read_until(b"User: ")
+    term.send(b"/save " + str(tmp_path / "s").encode() + b"\r")
+    assert b"session saved" in term.read_until(b"User: ")
+    term.send(b"/quit\r")
+    assert term.wait() == 0
+    saved, meta = load_prompt_cache(str(tmp_path / "s.safetensors"), return_metadata=True)
+    assert meta["system_prompt"] == "Answer in French."
+    model, tokenizer = g.load(str(model_dir))
+    states = {}
+    for system in ("Answer in French.", "You are a helpful assistant."):
+        session = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), system, 6)
+        "".join(session.ask("Hello"))
+        states[system] = np.array(session.cache[0].kv_state)
+    got = np.array(saved[0].kv_state)
+    assert np.abs(got - states["Answer in French."]).max() <= 1e-5
+    assert np.abs(got - states["You are a helpful assistant."]).max() > 1e-3
 
 
 def test_chat_session_of_an_older_cache_layout_is_refused(demo_model, tmp_path):

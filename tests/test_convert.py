@@ -14,7 +14,7 @@ import pytest
 import reference as R
 from conftest import logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
-from genesis_mlx.conversion.tokenizer import build_prompt
+from genesis_mlx.conversion.tokenizer import render_chat
 from genesis_mlx.errors import GenesisError
 from genesis_mlx.loading import load
 
@@ -178,7 +178,7 @@ def test_tokenizer_matches_reference(tiny_with_real_vocab, tokenizer_path, tmp_p
     chat.system_prompt = system[0]["content"] if system else "You are a helpful assistant."
     chat.history = [m for m in messages[:-1] if m["role"] != "system"]
     ref_text = chat.build_prompt(messages[-1]["content"])
-    assert ref_text == build_prompt(messages)
+    assert ref_text == render_chat(messages)
     ours_ids = ours.apply_chat_template(messages, add_generation_prompt=True)
     assert ours_ids == ref.encode(ref_text)
     assert 50278 in ours.eos_token_ids
@@ -209,7 +209,7 @@ def test_bad_inputs_give_one_line_errors(reference_checkpoint, tokenizer_path, t
     one_line_error(run(tmp_path / "missing.safetensors"), "no such file")
     pickle = tmp_path / "model.bin"
     pickle.write_bytes(b"\x80\x04\x95 not a safetensors file at all")
-    one_line_error(run(pickle), "not a safetensors file")
+    one_line_error(run(pickle), "not a whole safetensors file")
     no_meta = write_checkpoint(tmp_path / "nometa.safetensors",
                                {"tok_emb.weight": np.zeros((4, 4), np.float32)}, {})
     one_line_error(run(no_meta), "genesis_147m", "tok_emb.weight")
@@ -225,6 +225,9 @@ def test_bad_inputs_give_one_line_errors(reference_checkpoint, tokenizer_path, t
     state["blocks.1.attn.q_proj.weight"] = state["blocks.1.attn.q_proj.weight"][:-1]
     bad_shape = write_checkpoint(tmp_path / "shape.safetensors", state, meta)
     one_line_error(run(bad_shape), "blocks.1.attn.q_proj.weight", "shape")
+    del state["blocks.1.attn.q_proj.weight"]  # the reference would leave it random
+    missing = write_checkpoint(tmp_path / "missing.safetensors", state, meta)
+    one_line_error(run(missing), "Missing 1 parameters", "blocks.1.attn.q_proj.weight")
 
     offline = dict(__import__("os").environ, HF_HUB_OFFLINE="1")
     result = cli("convert", "--hf-path", "nobody/no-such-genesis", "--mlx-path",
@@ -292,8 +295,8 @@ def test_force_replaces_only_the_files_of_a_model(demo_checkpoint, tokenizer_pat
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == [
-        "chat_template.jinja", "config.json", "model.safetensors", "notes.txt",
-        "tokenizer.json", "tokenizer_config.json"]
+        "config.json", "genesis.py", "model.safetensors", "notes.txt", "tokenizer.json",
+        "tokenizer_config.json"]
     assert "quantization" in json.loads((out / "config.json").read_text())
     load(str(out))
 
@@ -483,7 +486,7 @@ def test_a_directory_without_tokenizer_needs_one_and_is_left_as_it_is(
 
     _, given = load(str(bare), tokenizer=tokenizer_path)
     _, written = load(str(full))
-    text = build_prompt([{"role": "user", "content": "Hi there"}])
+    text = render_chat([{"role": "user", "content": "Hi there"}])
     assert given.encode(text) == written.encode(text)
     assert given.eos_token_ids == written.eos_token_ids
     assert sorted(p.name for p in bare.iterdir()) == files

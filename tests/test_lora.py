@@ -93,6 +93,54 @@ def test_saved_adapters_reload_to_the_same_logits(trained):
     assert np.array_equal(np.array(loaded(ids)), np.array(in_memory(ids)))
 
 
+def test_lora_test_reports_the_adapted_models_test_loss(trained):
+    """--test alone: the loss on test.jsonl of the model with the adapters, as the
+    tuner computes it."""
+    from mlx_lm.tuner.datasets import CacheDataset, load_dataset
+    from mlx_lm.tuner.trainer import evaluate
+
+    from genesis_mlx.tuning.lora import training_args
+
+    model_dir, adapters, data, _ = trained
+    result = cli("lora", "--model", str(model_dir), "--test", "--data", str(data),
+                 "--adapter-path", str(adapters), "--batch-size", "4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = [l for l in result.stdout.splitlines() if l.startswith("Test loss")][0]
+    reported = float(line.split()[2].rstrip(","))
+    tuned, tokenizer = g.load(str(model_dir), adapter_path=str(adapters))
+    _, _, test_set = load_dataset(training_args(data=str(data), train=False, test=True,
+                                                mask_prompt=False), tokenizer)
+    tuned.train()
+    want = float(evaluate(tuned, CacheDataset(test_set), batch_size=4, num_batches=-1))
+    assert abs(reported - want) <= 1e-3 * max(1.0, want), (reported, want)
+    base, _ = g.load(str(model_dir))
+    base.train()
+    assert abs(float(evaluate(base, CacheDataset(test_set), batch_size=4, num_batches=-1))
+               - want) > 0.1, "fixture too weak: the adapters change nothing"
+
+
+def test_resume_adapter_file_starts_from_the_saved_adapters(trained, tmp_path):
+    """Training resumed with a negligible learning rate keeps the saved adapters; a
+    run that did not load them would start from new ones."""
+    from mlx.utils import tree_flatten
+
+    model_dir, adapters, data, _ = trained
+    out = tmp_path / "resumed"
+    result = cli("lora", "--model", str(model_dir), "--train", "--data", str(data),
+                 "--iters", "1", "--batch-size", "4", "--learning-rate", "1e-12",
+                 "--num-layers", "4", "--adapter-path", str(out), "--steps-per-eval", "1000",
+                 "--val-batches", "1", "--resume-adapter-file",
+                 str(adapters / "adapters.safetensors"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = mx.load(str(adapters / "adapters.safetensors"))
+    after = mx.load(str(out / "adapters.safetensors"))
+    assert before.keys() == after.keys()
+    for name in before:
+        assert np.abs(np.array(before[name]) - np.array(after[name])).max() <= 1e-6, name
+    assert any(np.abs(np.array(v)).max() > 1e-3 for k, v in before.items() if "lora_b" in k), \
+        "fixture too weak: trained adapters are indistinguishable from new ones"
+
+
 def test_fused_model_equals_base_plus_adapter(trained, tmp_path):
     model_dir, adapters, _, _ = trained
     result = cli("fuse", "--model", str(model_dir), "--adapter-path", str(adapters),

@@ -25,7 +25,7 @@ def test_import_keeps_float32_matmuls_unless_told_otherwise(preset, want):
 
 
 def test_convert_py_is_genesis_mlx_convert(reference_checkpoint, tokenizer_path, tmp_path):
-    _, path = reference_checkpoint()
+    _, path = reference_checkpoint(vocab_size=50279)  # the tokenizer's vocabulary
     out = tmp_path / "converted"
     result = subprocess.run([sys.executable, str(ROOT / "convert.py"), "--hf-path", str(path),
                              "--mlx-path", str(out), "--tokenizer", tokenizer_path],

@@ -80,12 +80,12 @@ def run(args):
     sampling = sampling_from(args)
     prompt = read_prompt(args.prompt)
     model, tokenizer = load_from(args)
-    last = None
+    cache, last = model.make_cache(args.kv_bits), None
     for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampling,
-                                system_prompt=args.system_prompt,
-                                use_chat_template=not args.ignore_chat_template,
-                                kv_bits=args.kv_bits):
+                                prompt_cache=cache, system_prompt=args.system_prompt,
+                                use_chat_template=not args.ignore_chat_template):
         print(last.text, end="", flush=True)
     print()
     if args.verbose and last is not None:
         print_stats(last)
+        print(f"Cache: {sum(c.nbytes for c in cache) / 1e6:.3f} MB", file=sys.stderr)

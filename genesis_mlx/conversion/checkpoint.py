@@ -2,12 +2,12 @@
 ``genesis_config_json`` holds the reference's GenesisConfig as JSON."""
 
 import json
-import struct
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+from safetensors import SafetensorError, safe_open
 
 from ..errors import GenesisError
 from ..model.genesis import Model, ModelArgs, unsupported_config_reason
@@ -16,46 +16,28 @@ CONFIG_KEY = "genesis_config_json"
 DEFAULT_REPO = "guiferrarib/genesis-152m-instruct"
 
 
-def parse_safetensors_header(path: Path) -> Tuple[dict, int]:
-    """The JSON header of a safetensors file and the file size it implies; ValueError
-    if it is not one."""
-    with open(path, "rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise ValueError("file shorter than a safetensors header")
-        (header_len,) = struct.unpack("<Q", raw_len)
-        if header_len > 100_000_000:
-            raise ValueError("implausible header length")
-        header = json.loads(f.read(header_len))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
+def read_safetensors_header(path: Path) -> Tuple[dict, Dict[str, Tuple[list, str]]]:
+    """A safetensors file's metadata and its tensors' (shape, dtype), read without the
+    tensors; a clear error if it is not a whole safetensors file."""
     try:
-        ends = [int(entry["data_offsets"][1]) for name, entry in header.items()
-                if name != "__metadata__"]
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise ValueError("a tensor entry without valid data_offsets") from None
-    return header, 8 + header_len + max(ends, default=0)
+        with safe_open(str(path), framework="numpy") as f:
+            tensors = {name: (f.get_slice(name).get_shape(), f.get_slice(name).get_dtype())
+                       for name in f.keys()}
+            return f.metadata() or {}, tensors
+    except SafetensorError as e:
+        raise GenesisError(
+            f"{path} is not a whole safetensors file ({e}); Genesis checkpoints load from "
+            ".safetensors only (pickled .bin/.pt files are never loaded)"
+        ) from None
 
 
 def safetensors_damage(path: Path) -> Optional[str]:
     """What is wrong with a safetensors file that cannot be read whole, or None."""
     try:
-        _, size = parse_safetensors_header(path)
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except SafetensorError as e:
         return str(e)
-    actual = path.stat().st_size
-    return f"{actual} of its {size} bytes" if actual < size else None
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file; a clear error if it is not one."""
-    try:
-        return parse_safetensors_header(path)[0]
-    except (ValueError, UnicodeDecodeError, struct.error) as e:
-        raise GenesisError(
-            f"{path} is not a safetensors file ({e}); Genesis checkpoints load from "
-            ".safetensors only (pickled .bin/.pt files are never loaded)"
-        ) from None
 
 
 # GenesisConfig.genesis_147m() (its fields that differ from the defaults): the config
@@ -101,25 +83,23 @@ def validate_config(config: Dict) -> ModelArgs:
     return args
 
 
-def check_shapes(model: Model, weights: Dict[str, mx.array], source: Path, config: str):
+def check_weights(model: Model, weights: Dict[str, mx.array], source: Path, config: str):
+    """The weights fit the model, name for name and shape for shape, said in one line.
+    A tensor of the wrong shape is named first: it says most about a file of another
+    model (mlx's strict load, which checks the rest, reports missing names first)."""
     expected = dict(tree_flatten(model.parameters()))
     for name, value in weights.items():
-        if name not in expected:
-            raise GenesisError(
-                f"{source}: tensor '{name}' is not part of a Genesis model with "
-                f"{config}; the checkpoint and its config disagree"
-            )
-        if tuple(value.shape) != tuple(expected[name].shape):
-            raise GenesisError(
-                f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but {config} "
-                f"implies {tuple(expected[name].shape)}"
-            )
-    missing = sorted(set(expected) - set(weights))
-    if missing:
-        raise GenesisError(
-            f"{source}: {len(missing)} tensor(s) that {config} needs are missing, e.g. "
-            f"'{missing[0]}'; the file is incomplete or from another model"
-        )
+        if name in expected and value.shape != expected[name].shape:
+            raise GenesisError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, but "
+                               f"{config} implies {tuple(expected[name].shape)}")
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        detail = " ".join(str(e).split())
+        if len(detail) > 300:
+            detail = detail[:300] + "..."
+        raise GenesisError(f"{source} does not fit a Genesis model with {config}: {detail}; "
+                           "the checkpoint and its config disagree, or it is incomplete") from None
 
 
 def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array]]:
@@ -127,14 +107,13 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     path = Path(path)
     if not path.is_file():
         raise GenesisError(f"no such file: {path}")
-    header = read_safetensors_header(path)
-    metadata = header.get("__metadata__") or {}
+    metadata, tensors = read_safetensors_header(path)
     config = config_from_metadata(path, metadata)
-    if "tok_emb.weight" not in header:
+    if "tok_emb.weight" not in tensors:
         raise GenesisError(f"{path}: no 'tok_emb.weight' tensor; not a Genesis checkpoint")
     # The vocabulary size comes from the weights (the chat tokens were added after
     # the config was written).
-    config["vocab_size"] = int(header["tok_emb.weight"]["shape"][0])
+    config["vocab_size"] = int(tensors["tok_emb.weight"][0][0])
     args = validate_config(config)
     try:
         weights = mx.load(str(path))
@@ -144,12 +123,12 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     # Shapes first, on a model without the RoPE buffers: a checkpoint of another shape
     # is named as such, not as RoPE frequencies that do not fit its heads.
     plain = Model(args)
-    check_shapes(plain, plain.sanitize(weights), path, described)
+    check_weights(plain, plain.sanitize(weights), path, described)
     args.rope_inv_freq = checkpoint_rope_frequencies(args, weights, path)
-    args.rope_table_length = rounded_rope_table_length(args, header)
+    args.rope_table_length = rounded_rope_table_length(args, tensors)
     model = Model(args)
     weights = model.sanitize(weights)
-    check_shapes(model, weights, path, described)
+    check_weights(model, weights, path, described)
     return args, weights
 
 
@@ -169,13 +148,14 @@ def checkpoint_rope_frequencies(args: ModelArgs, weights: Dict[str, mx.array],
     return found[0].tolist()
 
 
-def rounded_rope_table_length(args: ModelArgs, header: dict) -> int:
+def rounded_rope_table_length(args: ModelArgs, tensors: Dict[str, Tuple[list, str]]) -> int:
     """The length of the GLA layers' RoPE cos/sin tables if the file stores them below
     float32 (the reference then reads those rounded values), else 0."""
     for i in range(args.n_layer):
-        entry = header.get(f"blocks.{i}.attn.rope.cos_cached")
+        entry = tensors.get(f"blocks.{i}.attn.rope.cos_cached")
         if entry is not None:
-            return 0 if entry["dtype"] in ("F32", "F64") else int(entry["shape"][2])
+            shape, dtype = entry
+            return 0 if dtype in ("F32", "F64") else int(shape[2])
     return 0
 
 

@@ -16,29 +16,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
-# The reference (genesis/cli.py, GenesisChat.build_prompt) puts a newline before
-# <|im_end|> and always starts with a system turn; this template does the same.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "\n<|im_end|>\n"
-    "{% endif %}"
-    "{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}\n<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+# ChatML as the reference CLI (genesis/cli.py, GenesisChat.build_prompt) renders it: a
+# newline before <|im_end|>, and always a system turn first. The one definition of a
+# turn: the chat template below and every prompt built in Python derive from it.
+TURN = "<|im_start|>{role}\n{content}\n<|im_end|>\n"
+ASSISTANT_START = "<|im_start|>assistant\n"
 
 
-def build_prompt(messages, add_generation_prompt=True) -> str:
-    """The same rendering as CHAT_TEMPLATE, without Jinja (used to check it)."""
+def chatml_turn(role: str, content: str) -> str:
+    return TURN.format(role=role, content=content)
+
+
+def render_chat(messages, add_generation_prompt: bool = True) -> str:
+    """What CHAT_TEMPLATE renders, in Python (tests check the two agree)."""
     text = ""
     if not messages or messages[0]["role"] != "system":
-        text += f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}\n<|im_end|>\n"
-    for m in messages:
-        text += f"<|im_start|>{m['role']}\n{m['content']}\n<|im_end|>\n"
-    if add_generation_prompt:
-        text += "<|im_start|>assistant\n"
-    return text
+        text += chatml_turn("system", DEFAULT_SYSTEM_PROMPT)
+    text += "".join(chatml_turn(m["role"], m["content"]) for m in messages)
+    return text + (ASSISTANT_START if add_generation_prompt else "")
+
+
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    + chatml_turn("system", DEFAULT_SYSTEM_PROMPT)
+    + "{% endif %}{% for message in messages %}"
+    + chatml_turn("{{ message['role'] }}", "{{ message['content'] }}")
+    + "{% endfor %}{% if add_generation_prompt %}" + ASSISTANT_START + "{% endif %}"
+)
 
 
 def load_base_tokenizer(source: Optional[str]):

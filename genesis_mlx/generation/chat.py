@@ -8,7 +8,8 @@ from typing import Iterator, List, Optional
 
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
+from ..conversion.tokenizer import (ASSISTANT_START, DEFAULT_SYSTEM_PROMPT, chatml_turn,
+                                     render_chat)
 from ..errors import GenesisError
 from ..model.cache import CACHE_LAYOUT
 from .generate import SamplingOptions, prefill, stream_generate
@@ -55,14 +56,14 @@ class ChatSession:
         return self.tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def turn_text(self, user_text: str) -> str:
-        text = ""
+        """What this turn adds to the state: the rest of the previous answer's turn
+        (the model generates its text and <|im_end|>, not the newlines around it),
+        the user's turn, the assistant's start."""
         if self.n_tokens == 0:
-            text += f"<|im_start|>system\n{self.system_prompt}\n<|im_end|>\n"
-        elif self.open_answer:
-            text += "\n<|im_end|>\n"
+            text = chatml_turn("system", self.system_prompt)
         else:
-            text += "\n"
-        return text + f"<|im_start|>user\n{user_text}\n<|im_end|>\n<|im_start|>assistant\n"
+            text = "\n<|im_end|>\n" if self.open_answer else "\n"
+        return text + chatml_turn("user", user_text) + ASSISTANT_START
 
     def rebuild(self, notice):
         """Drops the oldest turns until the context has room, then re-reads the rest
@@ -71,8 +72,8 @@ class ChatSession:
         history = list(self.history)
         while history:
             history = history[2:]
-            text = f"<|im_start|>system\n{self.system_prompt}\n<|im_end|>\n" + "".join(
-                f"<|im_start|>{m['role']}\n{m['content']}\n<|im_end|>\n" for m in history)
+            system = {"role": "system", "content": self.system_prompt}
+            text = render_chat([system, *history], add_generation_prompt=False)
             ids = self.tokenizer.encode(text, add_special_tokens=False)
             if len(ids) < limit // 2:
                 break
