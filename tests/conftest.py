@@ -90,3 +90,46 @@ def kernels_choice():
     previous = backend.selected_kernels()
     yield backend.select_kernels
     backend.select_kernels(previous)
+
+
+# Fault injection into the kernel bodies. Every body has LINE; the faults are a syntax
+# error for C++, Metal and CUDA alike, and a body that compiles but computes with twice
+# the scale.
+FAULT_LINE = "float sc = scale[0];"
+FAULTS = {"syntax": "float sc = scale[0]", "wrong": "float sc = 2.0f * scale[0];"}
+# name -> (module holding the Kernel, its attribute)
+FAULTY_KERNELS = {"gla": ("gla.recurrent", "KERNEL"), "fox": ("fox.kernel", "KERNEL"),
+                  "tiled": ("fox.kernel", "TILED_KERNEL")}
+
+
+@pytest.fixture
+def fresh_guards():
+    """No first-use verdict leaks into or out of a test (a kernel left disabled would
+    let later kernel tests pass on the ops path)."""
+    from genesis_mlx.kernels import guard
+
+    for g in guard.guards().values():
+        g.reset()
+    yield
+    for g in guard.guards().values():
+        g.reset()
+
+
+@pytest.fixture
+def inject_fault(monkeypatch, fresh_guards):
+    """inject_fault(kernel name, fault name): the kernel's module holds a Kernel with
+    the shipped body so altered, for this test."""
+    import importlib
+
+    from genesis_mlx.kernels.launcher import SOURCE_DIR
+
+    def inject(name, fault):
+        module_name, attribute = FAULTY_KERNELS[name]
+        module = importlib.import_module(f"genesis_mlx.kernels.{module_name}")
+        kernel = getattr(module, attribute)
+        body = (SOURCE_DIR / kernel.source).read_text()  # the shipped body, not an injected one
+        assert body.count(FAULT_LINE) == 1, "the fault must land in the body"
+        monkeypatch.setattr(module, attribute,
+                            kernel.with_body(body.replace(FAULT_LINE, FAULTS[fault])))
+
+    return inject

@@ -15,6 +15,7 @@ COMMANDS = {
     "fuse": ("fuse", "fold LoRA adapters into a plain model"),
     "bench": ("bench", "speed and memory against the reference and mlx-lm"),
     "info": ("info", "what this machine runs: MLX device, BLAS, versions"),
+    "doctor": ("doctor", "check the GPU kernels on this machine; a report for bug reports"),
 }
 
 

@@ -3,8 +3,10 @@ a ``naive`` reference, the ops forms, the GPU kernel and the CPU arrangement; th
 kernel bodies in ``metal/`` with their ``launcher`` and CPU ``emulation``.
 
 This module is the dispatch the model calls. The ops path runs everywhere and is the
-only one with gradients; a GPU kernel is used when the device has one and the call
-is inference (``backend.select_kernels`` / ``GENESIS_MLX_KERNELS``).
+only one with gradients; a GPU kernel is used when the device has one, the call is
+inference (``backend.select_kernels`` / ``GENESIS_MLX_KERNELS``) and the kernel passed
+its first-use check (``guard``). ``gla_decode_form`` and ``fox_form`` are the rules;
+``genesis-mlx doctor`` reads them to say which path the model takes.
 """
 
 import mlx.core as mx
@@ -15,7 +17,10 @@ from .backend import gpu_backend, select_kernels
 from .fox import (fox_attention, fox_attention_grouped, fox_attention_kernel,
                   fox_attention_parallel, fox_decode_step, group_values, ungroup_values,
                   use_cpu_streams)
+from .fox import kernel as fox_kernel
+from .fox.cached import kv_heads
 from .gla import gla_chunked, gla_chunked_parallel, gla_recurrent, gla_step
+from .gla import recurrent as gla_kernel
 
 # Up to this many new tokens, the recurrent kernel (sequential in time, parallel over
 # batch * heads * value columns) beats the chunked form.
@@ -41,14 +46,35 @@ def gla_prefill(q, k, v, log_g, scale, chunk_size, state=None, beta=None):
     return gla_chunked_parallel(q, k, v, log_g, scale, chunk_size, state)
 
 
+def gla_decode_form(T: int, backend) -> str:
+    """What ``gla_decode`` runs for T new tokens: "kernel" (the recurrent kernel, if
+    its guard agrees), "step" (``gla_step``) or "chunked" (``gla_prefill``)."""
+    if T <= RECURRENT_MAX_T and backend is not None:
+        return "kernel"
+    return "step" if T == 1 else "chunked"
+
+
 def gla_decode(q, k, v, log_g, scale, chunk_size, state):
     """GLA continuing from a cached state (inference)."""
-    T = q.shape[2]
-    if T <= RECURRENT_MAX_T and gpu_backend() is not None:
+    _, H, T, Dk = q.shape
+    backend = gpu_backend()
+    if gla_decode_form(T, backend) == "kernel" and gla_kernel.GUARD.usable(
+            backend, q.dtype, (H, Dk, v.shape[-1])):
         return gla_recurrent(q, k, v, log_g, scale, state)
     if T == 1:
         return gla_step(q, k, v, exp(log_g)[..., None], scale, state)
     return gla_prefill(q, k, v, log_g, scale, chunk_size, state)
+
+
+def fox_form(n_queries: int, backend, training=False, cached=False) -> str:
+    """What ``fox_attend`` runs: "kernel" (if its guard agrees), "grouped" (a few
+    queries against a cache), "cpu streams" (long CPU prefills) or "blocks"."""
+    if not training and backend is not None and (
+            n_queries >= FOX_KERNEL_MIN_QUERIES or backend == "emulate"):
+        return "kernel"
+    if cached and n_queries <= FOX_GROUPED_MAX_QUERIES:
+        return "grouped"
+    return "cpu streams" if use_cpu_streams(n_queries, training) else "blocks"
 
 
 def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False,
@@ -59,25 +85,27 @@ def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=Fals
     where v is per head [B, H, Tk, D] or, in a quantized cache, grouped by KV head
     [B, Hkv, Tk, n_rep * D]. ``quantized=(group_size, bits)``: k and v are
     mx.quantize triples."""
-    H, Tq = q.shape[1], q.shape[2]
+    _, H, Tq, D = q.shape
     backend = gpu_backend()
-    use_kernel = not training and backend is not None and (
-        Tq >= FOX_KERNEL_MIN_QUERIES or backend == "emulate")
-    if cached and Tq <= FOX_GROUPED_MAX_QUERIES and not use_kernel:
+    form = fox_form(Tq, backend, training, cached)
+    if form == "kernel" and not fox_kernel.GUARD.usable(backend, q.dtype, (H, kv_heads(k), D)):
+        form = fox_form(Tq, None, training, cached)
+    if form == "grouped":
         return fox_attention_grouped(q, k, v, cumsum_q, cumsum_k, scale, key_start, quantized)
     if quantized is not None:
         group_size, bits = quantized
         k, v = (mx.dequantize(*a, group_size=group_size, bits=bits) for a in (k, v))
     if v.shape[1] != H:
         v = ungroup_values(v, H)
-    if use_kernel:
+    if form == "kernel":
         return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
-    if use_cpu_streams(Tq, training):
+    if form == "cpu streams":
         return fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
 __all__ = ["fox_attend", "fox_attention", "fox_attention_grouped", "fox_attention_kernel",
-           "fox_attention_parallel", "fox_decode_step", "gla_chunked", "gla_chunked_parallel",
-           "gla_decode", "gla_prefill", "gla_recurrent", "gla_step", "gpu_backend",
-           "group_values", "select_kernels", "ungroup_values"]
+           "fox_attention_parallel", "fox_decode_step", "fox_form", "gla_chunked",
+           "gla_chunked_parallel", "gla_decode", "gla_decode_form", "gla_prefill",
+           "gla_recurrent", "gla_step", "gpu_backend", "group_values", "select_kernels",
+           "ungroup_values"]

@@ -6,6 +6,7 @@ a ``std::barrier`` and sharing its ``SHARED`` arrays."""
 import ctypes
 import functools
 import hashlib
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -14,9 +15,13 @@ from typing import Dict, List
 import mlx.core as mx
 import numpy as np
 
-from .launcher import PRELUDES, Kernel
+from .launcher import PRELUDES, Kernel, first_error_line
 
 HOST_TYPES = {"float": np.float32, "int": np.int32}
+
+
+class KernelCompileError(RuntimeError):
+    """A kernel body that does not compile; the message is the compiler's first error."""
 
 
 def emulation_source(kernel: Kernel, template: Dict[str, int]) -> str:
@@ -51,11 +56,26 @@ def compiled_library(source: str, name: str):
     build.mkdir(exist_ok=True)
     library = build / f"{name}_{digest}.so"
     if not library.exists():
-        src = library.with_suffix(".cpp")
-        src.write_text(source)
-        subprocess.run(["c++", "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", str(src),
-                        "-o", str(library)], check=True, capture_output=True)
+        build_library(source, library)
     return ctypes.CDLL(str(library))
+
+
+def build_library(source: str, library: Path) -> None:
+    """Compiles into a file of this process's own, then renames it into place, so a
+    process loading the library never sees one half written by another."""
+    src = library.with_suffix(f".{os.getpid()}.cpp")
+    partial = library.with_suffix(f".{os.getpid()}.so")
+    src.write_text(source)
+    try:
+        subprocess.run(["c++", "-O2", "-std=c++20", "-pthread", "-shared", "-fPIC", str(src),
+                        "-o", str(partial)], check=True, capture_output=True, text=True,
+                       env=dict(os.environ, LC_ALL="C"))  # plain quotes in its messages
+    except subprocess.CalledProcessError as e:
+        line = first_error_line(e.stderr).replace(str(src), f"{library.stem}.cpp")
+        raise KernelCompileError(f"c++: {line}") from None
+    finally:
+        src.unlink(missing_ok=True)
+    os.replace(partial, library)
 
 
 def emulate(kernel: Kernel, inputs: List[mx.array], template: Dict[str, int], n_threads: int,

@@ -5,9 +5,11 @@ preludes define (GLOBAL_THREAD_ID; THREADGROUP_ID, LOCAL_ID, BARRIER and SHARED 
 threadgroups; EXP, NEG_INF, uint), so the emulation runs exactly the logic the GPU
 runs."""
 
+import copy
 import functools
+import hashlib
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -59,9 +61,19 @@ class Kernel:
         self.shapes_of = list(shapes_of)
         self.templates = list(templates)
         self.barriers = barriers
+        self.text: Optional[str] = None
 
     def body(self) -> str:
-        return (SOURCE_DIR / self.source).read_text()
+        return self.text if self.text is not None else (SOURCE_DIR / self.source).read_text()
+
+    def with_body(self, text: str) -> "Kernel":
+        """The same kernel with another body (tests inject faults with it), under a
+        name of its own: MLX keeps a compiled GPU kernel by name, and some versions
+        would run the old body for the new."""
+        other = copy.copy(self)
+        other.name = f"{self.name}_{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        other.text = text
+        return other
 
     def gpu_source(self, backend: str) -> str:
         if backend == "metal":
@@ -70,6 +82,8 @@ class Kernel:
 
     @functools.lru_cache(maxsize=None)
     def compiled(self, backend: str):
+        """Built once per kernel and backend; the GPU compiles the source when the
+        first launch is evaluated, so an error in it surfaces there."""
         factory = mx.fast.metal_kernel if backend == "metal" else mx.fast.cuda_kernel
         return factory(name=self.name, input_names=[n for n, _ in self.inputs],
                        output_names=self.outputs, source=self.gpu_source(backend),
@@ -90,3 +104,14 @@ class Kernel:
             inputs=inputs, template=list(template.items()),
             grid=(groups * threadgroup, 1, 1), threadgroup=(threadgroup, 1, 1),
             output_shapes=output_shapes, output_dtypes=[mx.float32] * len(output_shapes))
+
+
+def first_error_line(message: str) -> str:
+    """The line of a compiler's (or MLX's) message that says what went wrong: the
+    first one naming an error, else the first non-empty one."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    for marker in ("error:", "error"):
+        errors = [line for line in lines if marker in line.lower()]
+        if errors:
+            return errors[0]
+    return lines[0] if lines else "(no message)"

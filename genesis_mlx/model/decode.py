@@ -264,7 +264,9 @@ class BlockDecoder:
         block = self.block
 
         def step(x, cache):
-            if kernels.gpu_backend() is not None:  # __call__, with the recurrent kernel
+            # __call__, with the recurrent kernel; the kernel's first-use check may run
+            # while this is traced (kernels/guard.py: its probe is built from host data).
+            if kernels.gpu_backend() is not None:
                 return block(x[:, None], cache)[:, 0]
             views = self.views
             h = mx.fast.rms_norm(x, views["attn_norm"], block.attn_norm.eps)

@@ -10,10 +10,13 @@ row still spreads over many threads. No VJP: inference only."""
 from typing import Optional
 
 import mlx.core as mx
+import numpy as np
 
 from ...fastmath import exp
 from ..backend import gpu_backend
+from ..guard import KernelGuard, probe_array
 from ..launcher import Kernel
+from .naive import fox_attention
 
 KERNEL = Kernel(
     "genesis_fox_attention", "fox_attention.inc",
@@ -92,3 +95,33 @@ def fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale: float,
     acc, m, l = KERNEL(backend, inputs, template, B * H * Tq * n_split,
                        [(B * H, Tq, n_split, D), (B * H, Tq, n_split), (B * H, Tq, n_split)])
     return merge_splits(acc, m, l).reshape(B, H, Tq, D)
+
+
+def probe(n_queries: int, n_keys: int):
+    """Probe inputs for two sequences, the second left-padded by 5 keys; dims: (heads,
+    KV heads, D)."""
+
+    def make(dtype, dims) -> tuple:
+        H, Hkv, D = dims
+        rng = np.random.RandomState(0)
+        q = probe_array(rng, (2, H, n_queries, D), dtype)
+        k = probe_array(rng, (2, Hkv, n_keys, D), dtype)
+        v = probe_array(rng, (2, H, n_keys, D), dtype)
+        cumsum = np.cumsum(-rng.uniform(0, 0.3, (2, H, n_keys)), axis=-1).astype(np.float32)
+        return (q, k, v, mx.array(cumsum[..., n_keys - n_queries:]), mx.array(cumsum),
+                D ** -0.5, mx.array([0, 5], mx.int32))
+
+    return make
+
+
+# Rows: 3 queries after 67 cached keys, cut into two key splits merged afterwards.
+GUARD = KernelGuard(
+    "FoX attention",
+    run=lambda backend, *inputs: fox_attention_kernel(*inputs, backend=backend),
+    twin=fox_attention, probe=probe(3, 70))
+
+# Tiled: 40 rows and keys, a whole tile and a partial one each way.
+TILED_GUARD = KernelGuard(
+    "FoX tiled attention",
+    run=lambda backend, *inputs: fox_attention_tiled(*inputs, backend=backend),
+    twin=fox_attention, probe=probe(40, 40))

@@ -9,9 +9,12 @@ goes through the ops path."""
 from typing import Optional, Tuple
 
 import mlx.core as mx
+import numpy as np
 
 from ..backend import gpu_backend
+from ..guard import KernelGuard, probe_array
 from ..launcher import Kernel
+from .naive import gla_chunked
 
 KERNEL = Kernel(
     "genesis_gla_recurrent", "gla_recurrent.inc",
@@ -34,3 +37,21 @@ def gla_recurrent(q, k, v, log_g, scale: float, state=None,
     out, s_out = KERNEL(backend, inputs, {"DK": Dk, "DV": Dv}, B * H * Dv,
                         [(B * H, T, Dv), (B * H, Dk, Dv)])
     return out.reshape(B, H, T, Dv), s_out.reshape(B, H, Dk, Dv)
+
+
+def probe(dtype, dims) -> tuple:
+    """Three steps from a nonzero state for one sequence; dims: (heads, Dk, Dv)."""
+    H, Dk, Dv = dims
+    rng = np.random.RandomState(0)
+    q, k = (probe_array(rng, (1, H, 3, Dk), dtype, s) for s in (1.0, 0.2))
+    v = probe_array(rng, (1, H, 3, Dv), dtype)
+    log_g = mx.array(-rng.uniform(0, 0.7, (1, H, 3)).astype(np.float32))
+    state = probe_array(rng, (1, H, Dk, Dv))
+    return q, k, v, log_g, Dk ** -0.5, state
+
+
+GUARD = KernelGuard(
+    "GLA recurrent",
+    run=lambda backend, *inputs: gla_recurrent(*inputs, backend=backend),
+    twin=lambda q, k, v, log_g, scale, state: gla_chunked(q, k, v, log_g, scale, 64, state),
+    probe=probe)
