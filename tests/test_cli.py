@@ -341,6 +341,7 @@ def test_chat_context_overflow_keeps_the_recent_turns(demo_model):
     assert notices and notices[0].startswith("context full: dropped")
     kept = [m["content"] for m in session.history if m["role"] == "user"]
     assert kept[-1] == "Tell me about the number 7, please" and len(kept) < 8
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * len(kept)
     session.rebuild(notices.append)
     system = {"role": "system", "content": session.system_prompt}
     ids = tokenizer.encode(render_chat([system, *session.history], add_generation_prompt=False),
