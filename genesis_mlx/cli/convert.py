@@ -1,10 +1,12 @@
 from ..conversion.checkpoint import DEFAULT_REPO
 from ..conversion.convert import DTYPES, convert
+from .generate import add_revision_argument
 
 
 def add_arguments(p):
     p.add_argument("--hf-path", default=DEFAULT_REPO,
                    help="Hub repo id, local directory or .safetensors (default: %(default)s)")
+    add_revision_argument(p)
     p.add_argument("--mlx-path", default="genesis-mlx-model", help="output directory")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight dtype (float32 reproduces the reference's numbers)")
@@ -18,5 +20,5 @@ def add_arguments(p):
 
 def run(args):
     out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, args.q_bits,
-                  args.q_group_size, args.tokenizer, args.force)
+                  args.q_group_size, args.tokenizer, args.force, revision=args.revision)
     print(f"[genesis-mlx] converted model written to {out}")

@@ -2,11 +2,13 @@ from pathlib import Path
 
 from ..loading import load
 from ..tuning.lora import check_adapter_dir, check_data, run_lora, training_args
+from .generate import add_revision_argument
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="converted model directory, Hub id or "
                    "reference .safetensors (a quantized model gives QLoRA)")
+    add_revision_argument(p)
     p.add_argument("--train", action="store_true", help="train adapters")
     p.add_argument("--test", action="store_true", help="report the loss on test.jsonl")
     p.add_argument("--data", required=True,
@@ -39,7 +41,7 @@ def run(args):
     check_data(Path(args.data), args.train, args.test)
     if args.train:
         check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file, args.force)
-    model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer, revision=args.revision)
     options = training_args(
         model=args.model, train=args.train, test=args.test, data=args.data,
         iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
