@@ -42,6 +42,7 @@ COMMANDS = {
     "lora": lambda t: ["lora", "--model", REPO, "--test", "--data", str(lora_data(t))],
     "fuse": lambda t: ["fuse", "--model", REPO, "--adapter-path", str(t / "a"),
                        "--save-path", str(t / "fused")],
+    "serve": lambda t: ["serve", "--model", REPO, "--port", "8080"],
     "bench": lambda t: ["bench", "--model", REPO, "--prompt-lengths", "8", "--gen", "1",
                         "--reps", "1", "--compare", "reference"],
 }
