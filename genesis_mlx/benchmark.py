@@ -333,7 +333,8 @@ def ratio_lines(results, lengths):
     return lines
 
 
-def bench(model: str, lengths, gen: int, reps: int, compare, json_out=None, work=None):
+def bench(model: str, lengths, gen: int, reps: int, compare, json_out=None, work=None,
+          revision=None):
     import tempfile
 
     from .conversion.convert import convert
@@ -346,7 +347,7 @@ def bench(model: str, lengths, gen: int, reps: int, compare, json_out=None, work
             checkpoint = write_reference_checkpoint(work / "genesis-152m-random.safetensors",
                                                     GENESIS_152M)
         else:  # a reference checkpoint: the reference needs the raw file
-            checkpoint = resolve_source(model)
+            checkpoint = resolve_source(model, revision)
         model_dir = convert(str(checkpoint), str(work / "mlx"), force=True, with_tokenizer=False)
         results = measure_rounds(
             ["genesis-mlx", *compare], lengths, reps,

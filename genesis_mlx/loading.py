@@ -12,8 +12,10 @@ from typing import Optional, Tuple
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import load_model, load_tokenizer
 
-from .conversion.checkpoint import (DEFAULT_REPO, download_repo, find_checkpoint_file,
-                                    safetensors_damage)
+from .conversion.checkpoint import (
+    DEFAULT_REPO, check_revision, download_repo, find_checkpoint_file, is_hub_id,
+    safetensors_damage,
+)
 from .conversion.convert import build_model_tokenizer, convert, read_config, stop_token_ids
 from .conversion.mlx_lm_files import FORMAT_VERSION
 from .errors import GenesisError
@@ -28,9 +30,13 @@ def is_converted(directory: Path) -> bool:
     return config.is_file() and read_config(directory).get("model_type") == "genesis"
 
 
-def converted_cache_dir(checkpoint: Path) -> Path:
+def converted_cache_dir(checkpoint: Path, revision: Optional[str] = None) -> Path:
+    """Keyed by the file (and the Hub revision it was downloaded at): two revisions
+    never share a conversion, even where the Hub stores their files as one blob."""
     stat = checkpoint.stat()
     key = f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    if revision is not None:
+        key += f":revision={revision}"
     return CACHE_ROOT / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -45,8 +51,9 @@ def is_current(directory: Path) -> bool:
             and directory_format(directory) >= FORMAT_VERSION)
 
 
-def convert_once(checkpoint: Path, tokenizer: Optional[str]) -> Path:
-    target = converted_cache_dir(checkpoint)
+def convert_once(checkpoint: Path, tokenizer: Optional[str],
+                 revision: Optional[str] = None) -> Path:
+    target = converted_cache_dir(checkpoint, revision)
     if not is_current(target):
         convert(str(checkpoint), str(target), tokenizer=tokenizer, force=True)
     return target
@@ -57,9 +64,12 @@ def tokenizer_source(tokenizer: Optional[str]) -> Optional[str]:
     return tokenizer or os.environ.get("GENESIS_MLX_TOKENIZER")
 
 
-def resolve_model_dir(src: str, tokenizer: Optional[str] = None) -> Path:
-    """Any model source -> a converted MLX model directory."""
+def resolve_model_dir(src: str, tokenizer: Optional[str] = None,
+                      revision: Optional[str] = None) -> Path:
+    """Any model source -> a converted MLX model directory. ``revision`` pins a Hub
+    repo's download (a commit, branch or tag)."""
     tokenizer = tokenizer_source(tokenizer)
+    check_revision(src, revision)
     path = Path(src).expanduser()
     if path.is_dir():
         check_complete(path)
@@ -68,15 +78,15 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None) -> Path:
         return convert_once(find_checkpoint_file(path), tokenizer)
     if path.is_file():
         return convert_once(path, tokenizer)
-    if path.suffix == ".safetensors" or src.startswith((".", "/", "~")) or src.count("/") != 1:
+    if not is_hub_id(src):
         raise GenesisError(
             f"no such model: {src}; pass a converted model directory, a reference "
             f".safetensors, or a Hub repo id such as {DEFAULT_REPO}"
         )
-    repo_dir = download_repo(src)
+    repo_dir = download_repo(src, revision=revision)
     if is_converted(repo_dir):
         return repo_dir
-    return convert_once(find_checkpoint_file(repo_dir), tokenizer)
+    return convert_once(find_checkpoint_file(repo_dir), tokenizer, revision)
 
 
 def get_classes(config: dict):
@@ -149,10 +159,12 @@ def load(
     model_config: Optional[dict] = None,
     tokenizer: Optional[str] = None,
     lazy: bool = False,
+    revision: Optional[str] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
-    options of ModelArgs (e.g. ``{"ttt_enabled": False}``)."""
-    model_dir = resolve_model_dir(src, tokenizer)
+    options of ModelArgs (e.g. ``{"ttt_enabled": False}``); ``revision`` pins a Hub
+    repo's download."""
+    model_dir = resolve_model_dir(src, tokenizer, revision)
     check_weight_files(model_dir)
     if directory_format(model_dir) < 2:
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "

@@ -1,11 +1,13 @@
 from ..benchmark import IMPLS, bench
 from ..errors import GenesisError
+from .generate import add_revision_argument
 
 
 def add_arguments(p):
     p.add_argument("--model", default="random",
                    help="'random' (a random-weight model of the real shape, offline) or a "
                         "reference checkpoint (.safetensors, directory or Hub id)")
+    add_revision_argument(p)
     p.add_argument("--prompt-lengths", default="128,512,2048")
     p.add_argument("--gen", type=int, default=128, help="tokens generated per measurement")
     p.add_argument("--reps", type=int, default=3)
@@ -25,4 +27,6 @@ def run(args):
     if unknown or not lengths or args.gen < 1 or args.reps < 1:
         raise GenesisError(f"bench: --compare takes {','.join(IMPLS[1:])}; lengths, --gen and "
                           "--reps must be positive")
-    bench(args.model, lengths, args.gen, args.reps, compare, args.json)
+    if args.revision is not None and args.model == "random":
+        raise GenesisError("--revision pins a Hub download; --model random has none")
+    bench(args.model, lengths, args.gen, args.reps, compare, args.json, revision=args.revision)

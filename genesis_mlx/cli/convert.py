@@ -1,6 +1,7 @@
 from ..conversion.checkpoint import DEFAULT_REPO
 from ..conversion.convert import DTYPES, convert
 from ..errors import GenesisError
+from .generate import add_revision_argument
 
 Q_BITS, Q_GROUP_SIZE = 4, 64
 
@@ -8,6 +9,7 @@ Q_BITS, Q_GROUP_SIZE = 4, 64
 def add_arguments(p):
     p.add_argument("--hf-path", default=DEFAULT_REPO,
                    help="Hub repo id, local directory or .safetensors (default: %(default)s)")
+    add_revision_argument(p)
     p.add_argument("--mlx-path", default="genesis-mlx-model", help="output directory")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight dtype (float32 reproduces the reference's numbers)")
@@ -32,5 +34,5 @@ def run(args):
     bits = Q_BITS if args.q_bits is None else args.q_bits
     group_size = Q_GROUP_SIZE if args.q_group_size is None else args.q_group_size
     out = convert(args.hf_path, args.mlx_path, args.dtype, args.quantize, bits, group_size,
-                  args.tokenizer, args.force)
+                  args.tokenizer, args.force, revision=args.revision)
     print(f"[genesis-mlx] converted model written to {out}")

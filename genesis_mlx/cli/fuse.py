@@ -1,10 +1,11 @@
 from ..loading import load, resolve_model_dir
 from ..tuning.adapters import check_fuse_target, fuse
-from .generate import TOKENIZER_HELP
+from .generate import TOKENIZER_HELP, add_revision_argument
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="the base model the adapters were trained on")
+    add_revision_argument(p)
     p.add_argument("--adapter-path", required=True)
     p.add_argument("--save-path", required=True, help="output directory")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP + "; the fused model "
@@ -15,7 +16,7 @@ def add_arguments(p):
 
 
 def run(args):
-    model_dir = resolve_model_dir(args.model, args.tokenizer)
+    model_dir = resolve_model_dir(args.model, args.tokenizer, args.revision)
     check_fuse_target(model_dir, args.save_path, args.force)  # before the model loads
     model, _ = load(str(model_dir), adapter_path=args.adapter_path, tokenizer=args.tokenizer)
     out = fuse(model, model_dir, args.save_path, args.force, args.tokenizer)

@@ -15,9 +15,16 @@ TOKENIZER_HELP = ("GPT-NeoX tokenizer.json (or its directory), used instead of t
                   "directory without one)")
 
 
+def add_revision_argument(p):
+    p.add_argument("--revision", default=None,
+                   help="for a Hub repo id: the commit, branch or tag to download "
+                        "(default: the default branch)")
+
+
 def add_model_arguments(p):
     p.add_argument("--model", default=DEFAULT_REPO,
                    help="Hub repo id, converted model directory or reference .safetensors")
+    add_revision_argument(p)
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--ttt", choices=["on", "off"], default="on",
@@ -60,7 +67,7 @@ def sampling_from(args) -> SamplingOptions:
 
 def load_from(args):
     return load(args.model, adapter_path=args.adapter_path, tokenizer=args.tokenizer,
-                model_config={"ttt_enabled": args.ttt == "on"})
+                model_config={"ttt_enabled": args.ttt == "on"}, revision=args.revision)
 
 
 def read_prompt(value):

@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": ("demo", "offline end-to-end demo on a small random-weight model"),
     "lora": ("lora", "fine-tune LoRA adapters on your data"),
     "fuse": ("fuse", "fold LoRA adapters into a plain model"),
+    "serve": ("serve", "an OpenAI-compatible server (mlx-lm's) for the model"),
     "bench": ("bench", "speed and memory against the reference and mlx-lm"),
     "info": ("info", "what this machine runs: MLX device, BLAS, versions"),
     "doctor": ("doctor", "check the GPU kernels on this machine; a report for bug reports"),

@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import GenesisError
 from ..model.genesis import Model, ModelArgs, unsupported_config_reason
+from .mlx_lm_files import MODEL_FILE
 
 CONFIG_KEY = "genesis_config_json"
 DEFAULT_REPO = "guiferrarib/genesis-152m-instruct"
@@ -169,37 +170,66 @@ def find_checkpoint_file(directory: Path) -> Path:
     return files[0]
 
 
-def resolve_source(src: str) -> Path:
-    """A local .safetensors, a directory holding one, or a Hub repo id -> local file."""
+def is_hub_id(src: str) -> bool:
+    """Not a local path, and shaped as a Hub repo id (owner/name)."""
+    path = Path(src).expanduser()
+    return (not path.exists() and not src.endswith(".safetensors")
+            and not src.startswith((".", "/", "~")) and src.count("/") == 1)
+
+
+def check_revision(src: str, revision: Optional[str]):
+    """--revision names a commit, branch or tag of a Hub repo: a local source has none."""
+    if revision is not None and not is_hub_id(src):
+        raise GenesisError(f"--revision {revision}: {src} is not a Hub repo id (a revision "
+                           "pins a Hub download); leave --revision out for local files")
+
+
+def resolve_source(src: str, revision: Optional[str] = None) -> Path:
+    """A local .safetensors, a directory holding one, or a Hub repo id (at
+    ``revision``: a commit, branch or tag; None: the default branch) -> local file."""
+    check_revision(src, revision)
     path = Path(src).expanduser()
     if path.is_dir():
         return find_checkpoint_file(path)
     if path.exists():
         return path
-    if src.endswith(".safetensors") or src.startswith((".", "/", "~")) or src.count("/") != 1:
+    if not is_hub_id(src):
         raise GenesisError(
             f"no such file or directory: {src}; pass a local .safetensors, a directory "
             f"holding one, or a Hub repo id such as {DEFAULT_REPO}"
         )
-    return find_checkpoint_file(download_repo(src))
+    return find_checkpoint_file(download_repo(src, revision=revision))
 
 
 LOCAL_CHECKPOINT_HINT = "pass a local .safetensors file or directory"
 
 
-def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md"),
-                  offline_hint: str = LOCAL_CHECKPOINT_HINT) -> Path:
-    """Downloads (with progress bar, cache and resume) a Hub repo's files.
-    ``offline_hint`` says what to pass instead, in the errors."""
+# A converted repo's model file comes along: mlx-lm's tools need it, and genesis-mlx
+# serves a directory only if the file is byte for byte its own (never runs it).
+MODEL_REPO_FILES = ("*.safetensors", "*.json", "*.md", MODEL_FILE)
+
+
+def download_repo(repo_id: str, allow_patterns=MODEL_REPO_FILES,
+                  offline_hint: str = LOCAL_CHECKPOINT_HINT,
+                  revision: Optional[str] = None) -> Path:
+    """Downloads (with progress bar, cache and resume) a Hub repo's files at
+    ``revision`` (None: the default branch). ``offline_hint`` says what to pass
+    instead, in the errors."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
+    at = "" if revision is None else f" at revision '{revision}'"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns)))
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=list(allow_patterns)))
+    except RevisionNotFoundError:
+        raise GenesisError(f"Hub repo '{repo_id}' has no revision '{revision}'; pass a "
+                           "commit hash, branch or tag of it to --revision") from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise GenesisError(
             f"Hub repo '{repo_id}' was not found (or needs a login); check the id, "
@@ -207,11 +237,11 @@ def download_repo(repo_id: str, allow_patterns=("*.safetensors", "*.json", "*.md
         ) from None
     except LocalEntryNotFoundError:
         raise GenesisError(
-            f"cannot reach the Hugging Face Hub to download '{repo_id}' and it is not "
-            f"in the local cache; connect, or {offline_hint}"
+            f"cannot reach the Hugging Face Hub to download '{repo_id}'{at} and it is "
+            f"not in the local cache; connect, or {offline_hint}"
         ) from None
     except OSError as e:
         raise GenesisError(
-            f"cannot download '{repo_id}' from the Hugging Face Hub ({type(e).__name__}); "
+            f"cannot download '{repo_id}'{at} from the Hugging Face Hub ({type(e).__name__}); "
             f"connect, or {offline_hint}"
         ) from None

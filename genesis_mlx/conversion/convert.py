@@ -84,15 +84,17 @@ def convert(
     tokenizer: Optional[str] = None,
     force: bool = False,
     with_tokenizer: bool = True,
+    revision: Optional[str] = None,
 ) -> Path:
-    """``with_tokenizer=False`` writes the model alone (benchmarks of random models)."""
+    """``with_tokenizer=False`` writes the model alone (benchmarks of random models);
+    ``revision`` pins a Hub repo's download (a commit, branch or tag)."""
     out = check_output_dir(mlx_path, force, "--mlx-path")
     if dtype not in DTYPES:
         raise GenesisError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if quantize_model and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in GROUP_SIZES):
         raise GenesisError("quantization: --q-bits must be 2-6 or 8 and --q-group-size 32, 64 or 128")
 
-    source = resolve_source(hf_path)
+    source = resolve_source(hf_path, revision)
     args, weights = load_reference_checkpoint(source)
     tok = build_model_tokenizer(tokenizer, args.vocab_size) if with_tokenizer else None
 
@@ -105,6 +107,8 @@ def convert(
     if tok is not None:
         config["eos_token_id"] = stop_token_ids(tok)
     config["genesis_source"] = str(hf_path)
+    if revision is not None:
+        config["genesis_revision"] = revision
     config["genesis_mlx_format"] = FORMAT_VERSION
     if quantize_model:
         config["quantization"] = quantize(model, q_bits, q_group_size)

@@ -1,0 +1,84 @@
+"""``genesis-mlx serve``: mlx-lm's OpenAI-compatible server on any model source."""
+
+import json
+import re
+
+from ..errors import GenesisError
+from ..generation.generate import PREFILL_STEP
+from .generate import add_revision_argument
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# mlx-lm server options passed on as given; left out, mlx-lm's default holds.
+# (flag, type, help); the counts among them must be positive.
+PASSED_ON = [
+    ("--max-tokens", int, "default max_tokens of a request (mlx-lm's default: 512)"),
+    ("--temp", float, "default temperature (mlx-lm's default: 0, greedy)"),
+    ("--top-p", float, "default top_p"),
+    ("--top-k", int, "default top_k"),
+    ("--min-p", float, "default min_p"),
+    ("--decode-concurrency", int, "requests decoded together (mlx-lm's default: 32)"),
+    ("--prompt-concurrency", int, "prompts read together (mlx-lm's default: 8)"),
+    ("--prompt-cache-size", int, "prompt caches kept for reuse (mlx-lm's default: 10)"),
+    ("--prompt-cache-bytes", str, "memory cap of the kept prompt caches, e.g. 2GB"),
+    ("--adapter-path", str, "LoRA adapters to serve the model with"),
+    ("--allowed-origins", str, "CORS origins, comma separated (mlx-lm's default: *)"),
+    ("--chat-template-args", str, "JSON for the chat template, e.g. '{\"key\": 1}'"),
+]
+POSITIVE = ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size")
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True,
+                   help="Hub repo id, converted model directory or reference .safetensors")
+    add_revision_argument(p)
+    p.add_argument("--tokenizer", default=None,
+                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    for flag, kind, text in PASSED_ON:
+        p.add_argument(flag, type=kind, default=None, help=text)
+    # Our generate's prompt piece (mlx-lm's 2048 holds twice the FoX scores in memory).
+    p.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP,
+                   help="prompt tokens read per step (default: %(default)s)")
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+
+
+def check(args):
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise GenesisError(f"--{name.replace('_', '-')} {value}: must be positive")
+    if not 0 < args.port < 65536:
+        raise GenesisError(f"--port {args.port}: must be in 1-65535")
+    # mlx-lm's own parser answers these with a traceback or a usage text.
+    size = args.prompt_cache_bytes
+    if size is not None and not re.fullmatch(r"[0-9.]+\s*([MG]B?)?", size, re.IGNORECASE):
+        raise GenesisError(f"--prompt-cache-bytes {size}: a number of bytes, e.g. 500MB or 2GB")
+    if args.chat_template_args is not None:
+        try:
+            valid = isinstance(json.loads(args.chat_template_args), dict)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise GenesisError(f"--chat-template-args {args.chat_template_args}: must be a "
+                               "JSON object, e.g. '{\"enable_thinking\": false}'")
+
+
+def server_argv(args) -> list:
+    """The mlx-lm server options of ``args``, as its command line takes them."""
+    argv = ["--host", args.host, "--port", str(args.port),
+            "--prefill-step-size", str(args.prefill_step_size), "--log-level", args.log_level]
+    for flag, _, _ in PASSED_ON:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def run(args):
+    from ..serving import serve
+
+    check(args)
+    serve(args.model, server_argv(args), args.revision, args.tokenizer)

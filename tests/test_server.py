@@ -1,0 +1,353 @@
+"""``genesis-mlx serve``: mlx-lm's own server, on its batched path, on a converted demo
+model, driven by the openai client over 127.0.0.1. Concurrent answers (streamed or
+not, prompts of very different lengths, rows starting from cached prompts) equal
+the requests served alone and genesis-mlx's own greedy generation; bad requests get
+HTTP errors and the server goes on serving."""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections import namedtuple
+
+import mlx.core as mx
+import openai
+import pytest
+
+from genesis_mlx.cli.main import main
+from genesis_mlx.conversion.convert import convert
+from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
+
+START_TIMEOUT = 300  # the CLI's imports and the model load, on a busy machine
+REQUEST_TIMEOUT = 180
+MAX_TOKENS = 10
+LONGER = 32
+GREEDY = dict(temp=0.0, repetition_penalty=1.0)  # what the server does at temperature 0
+
+# steps: (token, its logprob) per generated token (requests not streamed, ours)
+Answer = namedtuple("Answer", "text finish_reason cached_tokens steps")
+Server = namedtuple("Server", "url proc log")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer_path):
+    work = tmp_path_factory.mktemp("serve")
+    checkpoint = write_reference_checkpoint(work / "demo.safetensors", DEMO)
+    return convert(str(checkpoint), str(work / "model"), tokenizer=tokenizer_path)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    import genesis_mlx as g
+
+    return g.load(str(model_dir))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def healthy(url) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def start_server(model_dir, log_path) -> Server:
+    """``genesis-mlx serve`` in a subprocess; returns once /health answers."""
+    port = free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genesis_mlx", "serve", "--model", str(model_dir),
+         "--port", str(port), "--log-level", "WARNING", "--max-tokens", str(MAX_TOKENS)],
+        stdout=log, stderr=subprocess.STDOUT,
+        # Ctrl-C as a terminal delivers it, even where the test runner ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if healthy(url):
+            return Server(url, proc, log_path)
+        time.sleep(0.5)
+    stop(proc)
+    pytest.fail(f"the server did not come up: {log_path.read_text()[-3000:]}")
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    running = start_server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
+    yield running
+    stop(running.proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none",
+                         timeout=REQUEST_TIMEOUT, max_retries=0)
+
+
+def chat(client, messages, stream, max_tokens=MAX_TOKENS, **options) -> Answer:
+    request = dict(model="default_model", messages=messages, max_tokens=max_tokens,
+                   temperature=0, **options)
+    if not stream:
+        response = client.chat.completions.create(logprobs=True, **request)
+        choice, usage = response.choices[0], response.usage
+        steps = [(step.model_extra["id"], step.logprob) for step in choice.logprobs.content]
+        return Answer(choice.message.content or "", choice.finish_reason,
+                      usage.prompt_tokens_details.cached_tokens, steps)
+    text, finish = "", None
+    for chunk in client.chat.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return Answer(text, finish, None, None)
+
+
+def user(content, system=None):
+    return ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}]
+
+
+def at_once(calls):
+    """Runs the calls in threads released together; their results in order."""
+    results, errors = [None] * len(calls), []
+    start = threading.Barrier(len(calls))
+
+    def worker(i):
+        start.wait()
+        try:
+            results[i] = calls[i]()
+        except Exception as e:  # raised again below, in the test's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(REQUEST_TIMEOUT * 2)
+    if errors:
+        raise errors[0]
+    assert all(not t.is_alive() for t in threads), "a request never returned"
+    return results
+
+
+def answer_of(responses) -> Answer:
+    """An Answer from GenerationResponses (genesis-mlx's or mlx-lm's stream)."""
+    text, steps, last = "", [], None
+    for last in responses:
+        text += last.text
+        steps.append((last.token, float(last.logprobs[last.token])))
+    return Answer(text, last.finish_reason, None, steps)
+
+
+def ours(reference, content, system=None, max_tokens=MAX_TOKENS, **options) -> Answer:
+    """genesis-mlx's own greedy answer to the same chat turn."""
+    import genesis_mlx as g
+
+    model, tokenizer = reference
+    return answer_of(g.stream_generate(model, tokenizer, content, max_tokens,
+                                       g.SamplingOptions(**GREEDY), system_prompt=system,
+                                       **options))
+
+
+def assert_same(served: Answer, expected: Answer, what: str):
+    """The text; for answers not streamed, each token and its logprob too (the
+    logprobs show a row's state is right where a random model's text would not)."""
+    assert served.text == expected.text, what[:30]
+    if served.steps is not None:
+        assert [t for t, _ in served.steps] == [t for t, _ in expected.steps], what[:30]
+        for (_, got), (_, want) in zip(served.steps, expected.steps):
+            assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), (what[:30], got, want)
+
+
+# Chat turns of 23, 222, 28 and 522 tokens; the first and last streamed.
+PROMPTS = [("Hi", True),
+           ("The quick brown fox jumps over the lazy dog. " * 20, False),
+           ("Why is the sky blue?", False),
+           ("Tell me about the ocean " * 100, True)]
+
+
+def test_concurrent_chats_equal_each_served_alone_and_our_generate(server, client, reference):
+    """First on a fresh server: the four prompts are read in one batch, right-padded
+    to the longest, and decoded together; then each again alone."""
+    together = at_once([lambda p=p, s=s: chat(client, user(p), s) for p, s in PROMPTS])
+    alone = [chat(client, user(p), s) for p, s in PROMPTS]
+    for (prompt, _), a, b in zip(PROMPTS, together, alone):
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason), prompt[:30]
+        assert_same(a, b, prompt)
+        assert_same(a, ours(reference, prompt), prompt)
+    assert len({a.text for a in together}) > 1  # the rows differ: no row answers for all
+
+
+def test_rows_from_cached_prompts_join_a_batch_correctly(server, client, reference):
+    """System prompts read once are cached by the server; requests that share one
+    start from a copy of its cache, batched with requests that start from another
+    one or from nothing (caches of different lengths, merged left-padded). Longer
+    answers: rows that come late join the others while they decode."""
+    short, long = ("You are a terse assistant. " * 2,
+                   "You are a helpful assistant who answers in riddles. " * 12)
+    for system in (short, long):
+        chat(client, user("Hello", system), False)
+    turns = [("What is the capital of France?", short, False),
+             ("Count to five. " * 30, long, True),
+             ("Name a colour.", None, False),
+             ("Why do cats purr? " * 6, long, False)]
+    answers = at_once([lambda c=c, s=s, st=st: chat(client, user(c, s), st, LONGER)
+                       for c, s, st in turns])
+    for (content, system, _), answer in zip(turns, answers):
+        assert_same(answer, ours(reference, content, system, LONGER), content)
+    assert 0 < answers[0].cached_tokens < answers[3].cached_tokens
+    assert answers[2].cached_tokens == 0
+
+
+def test_a_prompt_wholly_in_the_prompt_cache_is_answered(server, client, reference):
+    """A text completion whose every token is cached (here: the first piece of an
+    earlier prompt). mlx-lm 0.32's own server hands its batch an empty prompt then,
+    which ends its generation thread for good, with caches that cannot be trimmed."""
+    longer, prompt = "The quick brown fox jumps", "The quick brown fox"
+    for text in (longer, prompt):
+        response = client.completions.create(model="default_model", prompt=text,
+                                             max_tokens=MAX_TOKENS, temperature=0)
+        expected = ours(reference, text, use_chat_template=False)
+        assert response.choices[0].text == expected.text
+    assert healthy(server.url)
+
+
+def test_a_prompt_longer_than_the_context_is_read_whole(server, client, reference):
+    """mlx-lm reads the whole prompt, past the model's context (block_size: nothing
+    in the model stops there), where genesis-mlx's generate keeps the last
+    block_size tokens: the answer is the model's own on the whole prompt."""
+    from mlx_lm.generate import stream_generate
+
+    model, tokenizer = reference
+    messages = user("word " * (model.args.block_size + 50))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    assert len(ids) > model.args.block_size
+    alone = answer_of(stream_generate(model, tokenizer, mx.array(ids), MAX_TOKENS,
+                                      prompt_cache=model.make_cache()))
+    assert_same(chat(client, messages, False), alone, "past the context")
+    assert_same(chat(client, user("Hi"), False), ours(reference, "Hi"), "Hi")
+
+
+def http_error(call) -> int:
+    with pytest.raises(openai.APIStatusError) as error:
+        call()
+    return error.value.status_code
+
+
+BAD_REQUESTS = {
+    "unknown model": dict(model="someone/else"),
+    "negative max_tokens": dict(max_tokens=-1),
+    "a draft model": dict(extra_body={"draft_model": "someone/draft"}),
+    "top_k past the vocabulary": dict(temperature=0.5, extra_body={"top_k": 10**6}),
+    "logit_bias outside the vocabulary": dict(logit_bias={"99999999": 5}),
+    "xtc_threshold over 0.5": dict(temperature=0.5, extra_body={
+        "xtc_probability": 1.0, "xtc_threshold": 0.9}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_a_bad_request_gets_an_http_error_and_serving_goes_on(server, client, reference, case):
+    request = dict(model="default_model", messages=user("Hi"), max_tokens=MAX_TOKENS,
+                   temperature=0)
+    request.update(BAD_REQUESTS[case])
+    assert 400 <= http_error(lambda: client.chat.completions.create(**request)) < 500
+    assert healthy(server.url)
+    assert_same(chat(client, user("Hi"), False), ours(reference, "Hi"), "Hi")
+
+
+def test_an_empty_prompt_gets_an_http_error(server, client):
+    status = http_error(lambda: client.completions.create(model="default_model", prompt="",
+                                                          max_tokens=MAX_TOKENS))
+    assert 400 <= status < 500 and healthy(server.url)
+
+
+def test_the_model_is_known_by_its_path_too(server, client, model_dir, reference):
+    answer = client.chat.completions.create(model=str(model_dir), messages=user("Hi"),
+                                            max_tokens=MAX_TOKENS, temperature=0)
+    assert answer.choices[0].message.content == ours(reference, "Hi").text
+
+
+def test_ctrl_c_stops_the_server_cleanly(server):
+    """Last in this module: it stops the module's server."""
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(60) == 0
+    assert "Traceback" not in server.log.read_text()
+
+
+def one_line_refusal(args, capsys, *needles):
+    assert main(["serve", *args, "--port", "8080"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+def test_serve_refuses_a_directory_whose_model_file_is_not_ours(model_dir, tmp_path, capsys):
+    """config.json naming another model file: mlx-lm would run it (we pass
+    --trust-remote-code), so serve refuses before starting anything."""
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    marker = tmp_path / "ran"
+    (copy / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(dict(config, model_file="evil.py")))
+    one_line_refusal(["--model", str(copy)], capsys, "'evil.py'", "convert the checkpoint again")
+    assert not marker.exists()
+
+    (copy / "config.json").write_text(json.dumps(config))  # ours by name, changed inside
+    (copy / "genesis.py").write_text((copy / "genesis.py").read_text() + "\nimport os\n")
+    one_line_refusal(["--model", str(copy)], capsys, "genesis.py is not the model file")
+
+
+def test_serve_refuses_older_and_newer_directories(model_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["model_file"]
+    (copy / "config.json").write_text(json.dumps(dict(config, genesis_mlx_format=2)))
+    one_line_refusal(["--model", str(copy)], capsys, "older genesis-mlx")
+    (copy / "config.json").write_text(json.dumps(dict(config, genesis_mlx_format=99)))
+    one_line_refusal(["--model", str(copy)], capsys, "newer genesis-mlx", "pip install -U")
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--decode-concurrency", "0"), ("--max-tokens", "-5"),
+    ("--prompt-cache-bytes", "2TB"), ("--chat-template-args", "{oops"),
+])
+def test_serve_checks_its_options_before_loading(model_dir, capsys, option, value):
+    """mlx-lm's server takes these as they come (a batch of 0, a traceback)."""
+    one_line_refusal(["--model", str(model_dir), option, value], capsys, f"{option} {value}")
+
+
+def test_serve_takes_a_raw_checkpoint(tokenizer_path, tmp_path, monkeypatch):
+    """A reference .safetensors is converted once into the cache, and the
+    conversion is a directory serve hands to mlx-lm."""
+    from genesis_mlx import loading
+    from genesis_mlx.serving import servable_dir
+
+    monkeypatch.setattr(loading, "CACHE_ROOT", tmp_path / "cache")
+    checkpoint = write_reference_checkpoint(tmp_path / "demo.safetensors", DEMO)
+    served = servable_dir(str(checkpoint), tokenizer=tokenizer_path)
+    assert served.parent == tmp_path / "cache" / "converted"
+    assert servable_dir(str(checkpoint)) == served  # no tokenizer needed the second time
