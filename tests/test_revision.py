@@ -32,6 +32,10 @@ def lora_data(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     (data / "test.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    adapters = tmp_path / "adapters"  # --test checks they exist before the download
+    adapters.mkdir()
+    (adapters / "adapter_config.json").write_text("{}")
+    (adapters / "adapters.safetensors").write_bytes(b"")
     return data
 
 
@@ -39,7 +43,8 @@ COMMANDS = {
     "convert": lambda t: ["convert", "--hf-path", REPO, "--mlx-path", str(t / "out")],
     "generate": lambda t: ["generate", "--model", REPO, "--prompt", "hi"],
     "chat": lambda t: ["chat", "--model", REPO],
-    "lora": lambda t: ["lora", "--model", REPO, "--test", "--data", str(lora_data(t))],
+    "lora": lambda t: ["lora", "--model", REPO, "--test", "--data", str(lora_data(t)),
+                       "--batch-size", "1", "--adapter-path", str(t / "adapters")],
     "fuse": lambda t: ["fuse", "--model", REPO, "--adapter-path", str(t / "a"),
                        "--save-path", str(t / "fused")],
     "serve": lambda t: ["serve", "--model", REPO, "--port", "8080"],
