@@ -46,7 +46,8 @@ MODEL = Layout(
 ADAPTERS = Layout(
     "adapters", "genesis-mlx LoRA adapters", "adapter_config.json",
     lambda config: "lora_parameters" in config,
-    ("adapter_config.json", "adapters.safetensors", "[0-9]*_adapters.safetensors"),
+    ("adapter_config.json", "adapters.safetensors", "[0-9]*_adapters.safetensors",
+     "train_log.jsonl"),
     "*adapters.safetensors",
 )
 

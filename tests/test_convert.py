@@ -81,24 +81,12 @@ def test_round_trip(reference_checkpoint, tokenizer_path, tmp_path, case):
         assert np.abs(want - got).max() <= logits_tolerance(want)
 
 
-def dequantized_copy(model):
-    """The same model with every quantized layer replaced by its dequantized weights."""
-    from genesis_mlx.model.genesis import Model
+def dequantized(directory):
+    """A quantized directory's model with every quantized layer replaced by its
+    dequantized weights (mlx-lm's dequantize_model)."""
+    from mlx_lm.utils import dequantize_model
 
-    plain = Model(model.args)
-    weights = {}
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            weights[f"{path}.weight"] = mx.dequantize(
-                module.weight, module.scales, module.biases, module.group_size, module.bits)
-    from mlx.utils import tree_flatten
-
-    for name, value in tree_flatten(model.parameters()):
-        if not name.endswith((".scales", ".biases")) and name not in weights:
-            weights.setdefault(name, value)
-    plain.load_weights(list(weights.items()))
-    plain.eval()
-    return plain
+    return dequantize_model(load(str(directory))[0])
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -110,7 +98,7 @@ def test_quantized_round_trip(reference_checkpoint, tokenizer_path, tmp_path, bi
                   q_group_size=64, tokenizer=tokenizer_path)
     model, _ = load(str(out))
     got = np.array(model(mx.array(IDS)))
-    exact = np.array(dequantized_copy(model)(mx.array(IDS)))
+    exact = np.array(dequantized(out)(mx.array(IDS)))
     assert np.abs(got - exact).max() <= logits_tolerance(exact)
     want = R.reference_logits(ref, IDS)
     rel = np.abs(want - got).max() / max(1.0, np.abs(want).max())

@@ -8,51 +8,42 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
-from mlx_lm.utils import save_config
+from mlx_lm.utils import save_config, save_model
 
 from ..errors import GenesisError
 from ..model.genesis import Model
+from ..model.quantization import GROUP_SIZES, quant_predicate
 from ..output_dir import MODEL, check_output_dir, write_output_dir
 from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
 from .mlx_lm_files import FORMAT_VERSION, write_model_file, write_tokenizer
 from .tokenizer import build_tokenizer, chat_token_ids
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-GROUP_SIZES = (128, 64, 32)
 
 
-def quantize(model: nn.Module, bits: int, group_size: int) -> dict:
-    """Quantizes the model in place; returns the config's "quantization" entry.
+def quantize(model: nn.Module, config: dict, bits: int, group_size: int) -> dict:
+    """Quantizes the model in place through mlx-lm's ``quantize_model``; returns the
+    config with its "quantization" entry.
 
-    Layers whose input width does not divide ``group_size`` (864 and 1440 on the
-    real model, against 64) get the largest smaller group size that divides it,
-    recorded per layer so that the loader rebuilds the same shapes."""
-    overrides = {}
-    skip = getattr(model, "quant_predicate", None)
+    Each layer gets the largest group size up to ``group_size`` that divides its
+    input width (see model/quantization.py). mlx-lm skips the widths its own group
+    size does not divide before asking the predicate, so it is given the smallest."""
+    from mlx_lm.utils import quantize_model
 
-    def predicate(path, module):
-        if not hasattr(module, "to_quantized") or (skip and not skip(path, module)):
-            return False
-        width = module.weight.shape[-1]
-        if width % group_size == 0:
-            return True
-        fallback = next((g for g in GROUP_SIZES if g < group_size and width % g == 0), None)
-        if fallback is None:
-            return False
-        overrides[path] = {"group_size": fallback, "bits": bits, "mode": "affine"}
-        return dict(overrides[path])
-
-    nn.quantize(model, group_size=group_size, bits=bits, class_predicate=predicate)
-    return {"group_size": group_size, "bits": bits, "mode": "affine", **overrides}
+    _, config = quantize_model(model, config, group_size=min(GROUP_SIZES), bits=bits,
+                               mode="affine",
+                               quant_predicate=quant_predicate(group_size, bits))
+    # Every quantized layer is listed with its own size; the default says what was asked.
+    config["quantization"].update(group_size=group_size, bits=bits, mode="affine")
+    config["quantization_config"] = config["quantization"]
+    return config
 
 
 def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], None]) -> Path:
     """Writes model.safetensors plus what ``write_rest`` adds, staged, then moved into
     place: an interrupted run leaves no half-written model."""
     def fill(staging: Path):
-        mx.save_safetensors(str(staging / "model.safetensors"),
-                            dict(tree_flatten(model.parameters())), metadata={"format": "mlx"})
+        save_model(staging, model)
         write_rest(staging)
 
     return write_output_dir(out, fill, MODEL)
@@ -111,7 +102,7 @@ def convert(
         config["genesis_revision"] = revision
     config["genesis_mlx_format"] = FORMAT_VERSION
     if quantize_model:
-        config["quantization"] = quantize(model, q_bits, q_group_size)
+        config = quantize(model, config, q_bits, q_group_size)
 
     def write_rest(staging: Path):
         write_model_file(staging, config)

@@ -686,9 +686,9 @@ class Model(nn.Module):
 
     @property
     def quant_predicate(self):
-        def predicate(path, module):
-            # Tiny per-head gate projections and the TTT head stay in full precision.
-            if path.endswith(("gk_proj", "b_proj", "fgate_proj")):
-                return False
-            return not path.startswith("metacognition")
-        return predicate
+        # mlx-lm asks it only about layers its group size divides, without the size:
+        # yes or no (gates and the TTT head: no). genesis-mlx convert -q passes a
+        # predicate with per-layer group sizes (model/quantization.py).
+        from .quantization import quant_predicate
+
+        return quant_predicate()

@@ -4,9 +4,12 @@ files. What is Genesis-specific: which projections get adapters, training semant
 checking the user's data and paths before anything runs."""
 
 import json
+import tempfile
 import types
 from pathlib import Path
 from typing import Optional, Tuple
+
+import numpy as np
 
 from ..checks import check_at_least_one, check_finite, check_seed
 from ..errors import GenesisError
@@ -20,6 +23,8 @@ LORA_KEYS = [
     "attn.ogate_proj", "ffn.gate_proj", "ffn.up_proj", "ffn.down_proj",
 ]
 DATA_FORMATS = ({"messages"}, {"prompt", "completion"}, {"text"})
+# Written next to the adapters: every loss report, unrounded (JSON lines).
+TRAIN_LOG = "train_log.jsonl"
 
 
 def data_format(record) -> Optional[str]:
@@ -131,6 +136,28 @@ def check_run(args: types.SimpleNamespace, model=None):
                            f"{len(model.layers)} layers")
 
 
+def check_world(batch_size: int):
+    """The process group (one process unless started by mlx.launch): mlx-lm's trainer
+    gives each process batch_size / size rows of every batch and averages gradients."""
+    import mlx.core as mx
+
+    world = mx.distributed.init()
+    if batch_size % world.size():
+        raise GenesisError(f"--batch-size {batch_size}: must be a multiple of the "
+                           f"{world.size()} processes training together")
+    return world
+
+
+def train_elsewhere(args, model, train_set, valid_set):
+    """A process other than the first: trains its share, silently, with adapters and
+    their config written to a scratch directory (the first process writes the user's)."""
+    from mlx_lm.lora import train_model
+
+    with tempfile.TemporaryDirectory(prefix="genesis-lora-rank-") as scratch:
+        own = types.SimpleNamespace(**{**vars(args), "adapter_path": scratch})
+        train_model(own, model, train_set, valid_set, None)
+
+
 def training_args(**options) -> types.SimpleNamespace:
     """The namespace mlx-lm's ``train_model`` reads (its CONFIG_DEFAULTS, then ours)."""
     from mlx_lm.lora import CONFIG_DEFAULTS
@@ -141,19 +168,28 @@ def training_args(**options) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def progress_callback():
-    """mlx-lm's training table shows loss and tokens/s; this adds peak memory."""
+def progress_callback(log_path: Optional[Path] = None):
+    """mlx-lm's training table shows loss and tokens/s; this adds peak memory, and
+    writes every report unrounded to ``log_path`` (JSON lines) for plots and checks."""
     from mlx_lm.tuner.callbacks import TrainingCallback
+
+    def log(record):
+        if log_path is not None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     class Progress(TrainingCallback):
         def on_train_loss_report(self, info):
             print(f"[genesis-mlx] iter {info['iteration']}: train loss {info['train_loss']:.3f}, "
                   f"{info['tokens_per_second']:.1f} tok/s, peak memory "
                   f"{info['peak_memory']:.2f} GB", flush=True)
+            log({"iteration": info["iteration"], "train_loss": info["train_loss"],
+                 "learning_rate": info["learning_rate"]})
 
         def on_val_loss_report(self, info):
             print(f"[genesis-mlx] iter {info['iteration']}: val loss {info['val_loss']:.3f}",
                   flush=True)
+            log({"iteration": info["iteration"], "val_loss": info["val_loss"]})
 
     return Progress()
 
@@ -168,11 +204,15 @@ def train_adapters(args: types.SimpleNamespace, model, train_set, valid_set, cal
     made = not adapter_dir.exists()
     if not made and getattr(args, "force", False) and args.resume_adapter_file is None:
         remove_our_files(adapter_dir, ADAPTERS)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    log_path = adapter_dir / TRAIN_LOG
+    log_path.unlink(missing_ok=True)
     try:
-        train_model(args, model, train_set, valid_set, callback)
+        train_model(args, model, train_set, valid_set, callback or progress_callback(log_path))
     except BaseException:
         if not any(adapter_dir.glob("*adapters.safetensors")):
             (adapter_dir / "adapter_config.json").unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
             if made and adapter_dir.is_dir() and not any(adapter_dir.iterdir()):
                 adapter_dir.rmdir()
         raise
@@ -184,10 +224,14 @@ def run_lora(model, tokenizer, args: types.SimpleNamespace, callback=None):
     from mlx_lm.tuner.datasets import load_dataset
 
     check_run(args, model)
+    world = check_world(args.batch_size)
+    np.random.seed(args.seed)  # mlx-lm's batch order: the same on every process
     train_set, valid_set, test_set = load_dataset(args, tokenizer)
     model.train()  # TTT and selective activation are inference-only, as in the reference
-    if args.train:
-        train_adapters(args, model, train_set, valid_set, callback or progress_callback())
+    if args.train and world.rank() == 0:
+        train_adapters(args, model, train_set, valid_set, callback)
+    elif args.train:
+        train_elsewhere(args, model, train_set, valid_set)
     if args.test:
         if not args.train:
             load_adapters(model, args.adapter_path)
