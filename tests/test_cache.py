@@ -154,10 +154,10 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
     compiled_step = decode.fox_attend_token
 
     def decode_all(use_compiled):
-        def attend_token(attn, q, k, v, log_f, cache):
+        def attend_token(attn, q, k, v, log_f, cache, step):
             used.append(use_compiled)
             if use_compiled:
-                return compiled_step(attn, q, k, v, log_f, cache)
+                return compiled_step(attn, q, k, v, log_f, cache, step)
             return attn.attend(q, k, v, log_f, cache)
 
         monkeypatch.setattr(decode, "fox_attend_token", attend_token)
@@ -231,6 +231,30 @@ def test_decoding_sees_runtime_options_changed_after_it_started(reference_checkp
     model.args.ttt_strength = 0.2
     assert np.abs(np.array(model(mx.array(ids[:, :36]))[:, -1:]) - want).max() > 1e-3, \
         "fixture too weak: the strength changes nothing"
+
+
+def test_compiled_steps_go_with_the_model(reference_checkpoint):
+    """The one-token path's compiled functions are freed with the model, without
+    waiting for the garbage collector (MLX keeps their traces per thread: released at
+    a thread's exit during interpreter shutdown instead, they abort the process, as
+    mlx-lm's server did on Ctrl-C)."""
+    import gc
+    import weakref
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    cache = model.make_cache()
+    model(mx.array(tokens(10)), cache=cache)
+    mx.eval(model(mx.array(tokens(1)), cache=cache))  # every step compiled and traced
+    decoders = list(model.token_decoder.blocks.values())
+    assert decoders and all(d.step is not None for d in decoders)
+    alive = [weakref.ref(d) for d in decoders] + [weakref.ref(model.token_decoder)]
+    del decoders, model, cache
+    gc.disable()
+    try:
+        assert all(ref() is None for ref in alive)
+    finally:
+        gc.enable()
 
 
 def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):

@@ -21,6 +21,7 @@ GPUs keep the GLA layer's own ``__call__`` inside its compiled step (its recurre
 kernel); the FoX token runs as ``kernels.fox_decode_step`` on the CPU only.
 """
 
+import weakref
 from types import SimpleNamespace
 from typing import Callable, Optional, Sequence
 
@@ -180,16 +181,17 @@ def fox_output_token(attn, out, h, views):
     return out.reshape(B, H * D)
 
 
-def fox_attend_token(attn, q, k, v, log_f, cache: FoxCache):
+def fox_attend_token(attn, q, k, v, log_f, cache: FoxCache, compiled_step):
     """ForgettingAttention.attend for one token: on the CPU with an exact cache, one
-    compiled graph over the cache's buffers (``kernels.fox_decode_step``)."""
+    compiled graph over the cache's buffers (``compiled_step``: the compiled
+    ``kernels.fox_decode_step``)."""
     if isinstance(cache, QuantizedFoxCache) or kernels.gpu_backend() is not None:
         return attn.attend(q, k, v, log_f, cache)
     cache.reserve(1)
     key_start = cache.left_padding
     if key_start is None:  # an array made here, not a graph node
         key_start = mx.array([0] * q.shape[0], mx.int32)
-    out, keys, values, cumsum = kernels.fox_decode_step(
+    out, keys, values, cumsum = compiled_step(
         q, k, v, log_f, cache.keys, cache.values, cache.cumsum,
         mx.array([cache.offset], mx.int32), key_start, attn.scale)
     cache.commit_token(keys, values, cumsum)
@@ -197,10 +199,12 @@ def fox_attend_token(attn, q, k, v, log_f, cache: FoxCache):
 
 
 class BlockDecoder:
-    """A block's compiled one-token step and the decode views it reads."""
+    """A block's compiled one-token step and the decode views it reads.
+    ``fox_step``: the compiled FoX token step, shared by the model's FoX blocks."""
 
-    def __init__(self, block):
+    def __init__(self, block, fox_step=None):
         self.block = block
+        self.fox_step = fox_step
         self.step = None
         self.parts, self.sources = [], []
 
@@ -251,63 +255,75 @@ class BlockDecoder:
         mx.eval(views)
         return views
 
-    def ffn_token(self, x):
-        """x + FFN(x) for one token, x [B, C]."""
-        block, views = self.block, self.views
-        h = mx.fast.rms_norm(x, views["ffn_norm"], block.ffn_norm.eps)
-        ffn = views["ffn"]
-        hidden = block.ffn.activation(linear(h, block.ffn.gate_proj, ffn.get("gate_proj")),
-                                      linear(h, block.ffn.up_proj, ffn.get("up_proj")))
-        return add_linear(x, hidden, block.ffn.down_proj, ffn.get("down_proj"))
+    # The compiled functions close over the block, the views and the FoX step, never
+    # over this object: no reference cycle, so they are freed (and their traces with
+    # them, see TokenDecoder) as soon as the model is, in the thread that frees it.
 
     def compile_gla(self):
-        block = self.block
+        block, views = self.block, self.views
 
         def step(x, cache):
             # __call__, with the recurrent kernel; the kernel's first-use check may run
             # while this is traced (kernels/guard.py: its probe is built from host data).
             if kernels.gpu_backend() is not None:
                 return block(x[:, None], cache)[:, 0]
-            views = self.views
             h = mx.fast.rms_norm(x, views["attn_norm"], block.attn_norm.eps)
             attn = views["attn"]
             x = add_linear(x, gla_token(block.attn, h, cache, attn), block.attn.o_proj,
                            attn.get("o_proj"))
-            return self.ffn_token(x)
+            return ffn_token(block, x, views)
 
-        return compile_with_cache(step, [block.state, self.views],
+        return compile_with_cache(step, [block.state, views],
                                   ("conv_state", "kv_state", "positions"))
 
     def compile_fox(self):
-        block = self.block
+        block, views, fox_step = self.block, self.views, self.fox_step
 
         def before(x, tail):
-            h = mx.fast.rms_norm(x, self.views["attn_norm"], block.attn_norm.eps)
-            return (h, *fox_project_token(block.attn, h, tail, self.views["attn"]))
+            h = mx.fast.rms_norm(x, views["attn_norm"], block.attn_norm.eps)
+            return (h, *fox_project_token(block.attn, h, tail, views["attn"]))
 
         def after(x, h, attention):
-            views = self.views["attn"]
-            x = add_linear(x, fox_output_token(block.attn, attention, h, views),
-                           block.attn.o_proj, views.get("o_proj"))
-            return self.ffn_token(x)
+            attn = views["attn"]
+            x = add_linear(x, fox_output_token(block.attn, attention, h, attn),
+                           block.attn.o_proj, attn.get("o_proj"))
+            return ffn_token(block, x, views)
 
-        before = mx.compile(before, inputs=[block.state, self.views])
-        after = mx.compile(after, inputs=[block.state, self.views])
+        before = mx.compile(before, inputs=[block.state, views])
+        after = mx.compile(after, inputs=[block.state, views])
 
         def step(x, cache):
             h, q, k, v, log_f, cache.conv_state = before(x, cache.conv_state)
-            return after(x, h, fox_attend_token(block.attn, q, k, v, log_f, cache))
+            return after(x, h, fox_attend_token(block.attn, q, k, v, log_f, cache, fox_step))
 
         return step
 
 
+def ffn_token(block, x, views):
+    """x + FFN(x) for one token, x [B, C]."""
+    h = mx.fast.rms_norm(x, views["ffn_norm"], block.ffn_norm.eps)
+    ffn = views["ffn"]
+    hidden = block.ffn.activation(linear(h, block.ffn.gate_proj, ffn.get("gate_proj")),
+                                  linear(h, block.ffn.up_proj, ffn.get("up_proj")))
+    return add_linear(x, hidden, block.ffn.down_proj, ffn.get("down_proj"))
+
+
 class TokenDecoder:
-    """The one-token fast path of a Model (see the module's docstring)."""
+    """The one-token fast path of a Model (see the module's docstring). It owns every
+    compiled function it uses: MLX keeps compiled traces per thread, holding Python
+    objects, so they must go with the model (mlx-lm's server releases its model in
+    the thread that decoded), not live on to the thread's exit at interpreter
+    shutdown, where releasing them aborts the process."""
 
     def __init__(self, model):
-        self.model = model
+        self.model_ref = weakref.ref(model)  # the model owns this decoder
         self.blocks = {}
         self.ttt_step, self.ttt_key = None, None
+        self.fox_step = mx.compile(kernels.fox_decode_step)
+
+    @property
+    def model(self):
+        return self.model_ref()
 
     def applies(self, x, cache, mask) -> bool:
         """One token, no padding, inference, and a cache that has seen tokens (a
@@ -321,7 +337,7 @@ class TokenDecoder:
     def block_decoder(self, block) -> BlockDecoder:
         decoder = self.blocks.get(id(block))
         if decoder is None or decoder.block is not block:
-            decoder = self.blocks[id(block)] = BlockDecoder(block)
+            decoder = self.blocks[id(block)] = BlockDecoder(block, self.fox_step)
         return decoder
 
     def __call__(self, x, cache):

@@ -71,13 +71,13 @@ def fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale: float,
     return mx.concatenate(outputs, axis=2)
 
 
-@mx.compile
 def fox_decode_step(q, k, v, log_f, keys, values, cumsums, offset, key_start, scale):
-    """One decoding token against a FoX cache's buffers, as one compiled graph: writes
-    k, v and the forget gates' running sum at row ``offset`` (in place where the
-    buffers are not shared) and attends over every row, those past the token masked
-    (``cached.fox_attention_grouped`` with ``key_end``). mx.compile traces it once per
-    buffer size, shared by all FoX layers.
+    """One decoding token against a FoX cache's buffers, for one compiled graph
+    (``mx.compile(fox_decode_step)``, which the caller owns): writes k, v and the
+    forget gates' running sum at row ``offset`` (in place where the buffers are not
+    shared) and attends over every row, those past the token masked
+    (``cached.fox_attention_grouped`` with ``key_end``). Its shapes change only when
+    the buffers grow, so it is traced once per buffer size, for all FoX layers.
 
     q, v [B, H, 1, D]; k [B, Hkv, 1, D]; log_f [B, H, 1]; keys [B, Hkv, S, D];
     values [B, H, S, D]; cumsums [B, H, S]; offset [1] int32 (>= 1: a token is
