@@ -1,11 +1,18 @@
 """A fast BLAS for MLX's CPU backend on Linux.
 
-The ``mlx[cpu]`` wheel bundles the reference (netlib) BLAS, whose fp32 GEMM is 25-30x
-slower than OpenBLAS here. MLX calls BLAS through ordinary dynamic symbols, so
-preloading a system OpenBLAS (Debian/Ubuntu: ``apt install libopenblas0-pthread``)
-interposes its ``cblas_sgemm``. In front of it goes ``gemv_forward.c``, compiled once
-with the system C compiler, which sends vector-times-matrix products (all of
-decoding) to OpenBLAS's GEMV at twice the bandwidth (see the source).
+The ``mlx[cpu]`` wheel bundles the reference (netlib) BLAS, whose fp32 GEMM is an
+order of magnitude slower than OpenBLAS's. MLX calls BLAS through ordinary dynamic
+symbols, so preloading a system OpenBLAS (Debian/Ubuntu: ``apt install
+libopenblas0-pthread``) interposes its ``cblas_sgemm``. In front of it goes
+``gemv_forward.c``, compiled once with the system C compiler, which sends
+vector-times-matrix products (all of decoding) to OpenBLAS's GEMV, which streams the
+weights faster than its GEMM does for one row (see the source; figures in
+BENCHMARKS.md).
+
+A preload reaches every library of the process: torch, too, exports ``sgemm_`` and
+``sgemv_`` and binds them to a preloaded OpenBLAS, whose threads then run against its
+own. So only MLX processes get it; ``genesis-mlx bench`` starts the PyTorch reference
+without it.
 
 The CLI does this automatically by re-executing itself once with ``LD_PRELOAD``;
 ``GENESIS_MLX_BLAS=off`` disables it, ``GENESIS_MLX_GEMV=off`` keeps OpenBLAS but

@@ -3,9 +3,9 @@
  * MLX's CPU backend computes every matmul with cblas_sgemm, decoding included, where
  * one side is a single row: x[1, K] @ W^T. OpenBLAS before 0.3.27 (Debian 12 ships
  * 0.3.21) runs that through its general GEMM kernel, which packs W first, and reaches
- * half the memory bandwidth its cblas_sgemv does (10.8 vs 20.8 GB/s for the
- * 50279 x 576 output layer, measured on a 2-core EPYC). Decoding reads every weight
- * once per token, so it is bound by exactly that bandwidth.
+ * a fraction of the memory bandwidth its cblas_sgemv does (figures in BENCHMARKS.md).
+ * Decoding reads every weight once per token, so it is bound by exactly that
+ * bandwidth.
  *
  * Preloaded in front of OpenBLAS (LD_PRELOAD="this.so:libopenblas.so.0"): row-major
  * products with M == 1 become GEMV calls, everything else goes to the next
