@@ -4,8 +4,8 @@ import importlib
 import os
 
 # float32 means float32: MLX otherwise runs fp32 matmuls as TF32 on GPUs that have it
-# (NVIDIA, Apple M5), a ~3e-4 relative error per product that breaks parity with the
-# reference. Set MLX_ENABLE_TF32=1 yourself to trade that for speed.
+# (NVIDIA, Apple M5), whose error per product is larger than the parity with the
+# reference allows. Set MLX_ENABLE_TF32=1 yourself to trade that for speed.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 __version__ = "0.2.0"
@@ -13,7 +13,7 @@ __version__ = "0.2.0"
 from .conversion.mlx_lm_files import FORMAT_VERSION as MODEL_FORMAT  # noqa: E402
 from .errors import GenesisError  # noqa: E402
 
-# Imported on first use: mlx-lm brings in transformers (~2.5 s), which the CLI's
+# Imported on first use: mlx-lm brings in transformers (seconds of imports), which the CLI's
 # start (it may re-execute itself to preload a BLAS) should not pay twice.
 _LAZY = {
     "Model": ".model.genesis", "ModelArgs": ".model.genesis", "load": ".loading",

@@ -1,30 +1,41 @@
-"""exp and the functions built on it, computed as 2 ** (x * log2 e).
+"""exp and the functions built on it (sigmoid, SiLU, softmax), in the forms that are
+fast on MLX's CPU backend; on GPUs every form is fast and they agree.
 
-On MLX's CPU backend (x86) ``mx.power(2, .)`` is several times faster per element
-than ``mx.exp``, with the same accuracy (MLX evaluates exp as a power of two as
-well), and a long prefill evaluates hundreds of millions of exponentials (softmax,
-SiLU, sigmoid); on GPUs both are fast and equal. BENCHMARKS.md has the timings.
+MLX's CPU backend evaluates an elementwise op on one thread, ``mx.exp`` one element
+at a time through the C library, several times slower than ``mx.power(2, .)``
+(which it also uses for exp: same accuracy), and a prefill evaluates hundreds of
+millions of exponentials. So:
+
+* exp and softmax are powers of two. Their inputs are often masked (-inf) or far
+  below zero (attention scores, decays), where ``mx.power`` is fast or flushed here.
+* sigmoid and SiLU, whose inputs are activations, are one fused op on large arrays:
+  2 ** x range-reduced (x = n + r, |r| <= 1/2), 2 ** r a polynomial, all of it
+  compiled with the arithmetic around it into one pass (``mx.compile``).
+BENCHMARKS.md has the timings.
 """
 
 import mlx.core as mx
 
 LOG2_E = 1.4426950408889634
 
+# Below this power of two, float32 has only subnormals, then zero.
+SMALLEST_NORMAL_EXPONENT = -126
+
+# 2 ** r on [-1/2, 1/2], lowest degree first: the least-squares degree-6 fit
+# (numpy.polyfit on a dense grid). Relative error 6e-9, its derivative's 5e-7, so
+# gradients through it are float32-accurate too.
+EXP2_COEFFICIENTS = (0.999999999971842, 0.6931472000626793, 0.24022651101313913,
+                     0.0555034068074593, 0.009618039945756053, 0.0013395279800388039,
+                     0.0001546531231920132)
+
+# Below this many elements (a decoding token's vectors) the plain ops are kept: there
+# they fuse with their neighbours in the decode step's compiled graph, which the
+# float32 bit view in ``power_of_two`` would split into several kernels.
+FUSED_MIN_SIZE = 4096
+
 
 def exp(x: mx.array) -> mx.array:
     return mx.power(2.0, x * LOG2_E)
-
-
-def sigmoid(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + exp(-x))
-
-
-def silu(x: mx.array) -> mx.array:
-    return x * sigmoid(x)
-
-
-# Below this power of two, float32 has only subnormals, then zero.
-SMALLEST_NORMAL_EXPONENT = -126
 
 
 def softmax(x: mx.array, axis: int = -1) -> mx.array:
@@ -39,3 +50,57 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
     power = (x - mx.stop_gradient(x.max(axis=axis, keepdims=True))) * LOG2_E
     e = mx.power(2.0, mx.where(power < SMALLEST_NORMAL_EXPONENT, -mx.inf, power))
     return e / e.sum(axis=axis, keepdims=True)
+
+
+def sigmoid(x: mx.array) -> mx.array:
+    return sigmoid_fused(x) if x.size >= FUSED_MIN_SIZE else 1.0 / (1.0 + exp(-x))
+
+
+def silu(x: mx.array) -> mx.array:
+    return silu_fused(x) if x.size >= FUSED_MIN_SIZE else x * (1.0 / (1.0 + exp(-x)))
+
+
+def silu_gate(gate: mx.array, x: mx.array) -> mx.array:
+    """x * silu(gate): SwiGLU's product and the gated norms' output."""
+    return silu_gate_fused(gate, x) if gate.size >= FUSED_MIN_SIZE else silu(gate) * x
+
+
+def power_of_two(n: mx.array) -> mx.array:
+    """2 ** n for int32 n in [-126, 128] (128: inf), built from its float32 bits."""
+    return mx.view((n + 127) << 23, mx.float32)
+
+
+def exp2_float32(x: mx.array) -> mx.array:
+    # Beyond this range the result is 0 or inf either way; 2 ** n is applied in two
+    # halves so that every n in it, subnormal results included, stays exact.
+    x = mx.clip(x, -252.0, 256.0)
+    n = mx.round(x)
+    r = x - n
+    p = EXP2_COEFFICIENTS[-1]
+    for c in reversed(EXP2_COEFFICIENTS[:-1]):
+        p = p * r + c
+    n = n.astype(mx.int32)
+    half = n >> 1
+    # Constants for gradients (n is piecewise constant; a bit view has no vjp).
+    return p * mx.stop_gradient(power_of_two(half)) * mx.stop_gradient(power_of_two(n - half))
+
+
+def sigmoid_float32(x: mx.array) -> mx.array:
+    return 1.0 / (1.0 + exp2_float32(x * -LOG2_E))
+
+
+@mx.compile
+def sigmoid_fused(x: mx.array) -> mx.array:
+    return sigmoid_float32(x.astype(mx.float32)).astype(x.dtype)
+
+
+@mx.compile
+def silu_fused(x: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    return (x32 * sigmoid_float32(x32)).astype(x.dtype)
+
+
+@mx.compile
+def silu_gate_fused(gate: mx.array, x: mx.array) -> mx.array:
+    g = gate.astype(mx.float32)
+    return (g * sigmoid_float32(g)).astype(gate.dtype) * x

@@ -271,6 +271,38 @@ def test_fast_math_equals_mlx():
     assert elementwise_rel(want, fastmath.softmax(scores), floor=2.0**-126) <= 1e-5
 
 
+def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
+    """The fused forms (large arrays) against float64 and against the plain forms
+    (small arrays): overflow, underflow (to float32's smallest normal), inf and nan, bfloat16,
+    the gated product and the gradient."""
+    from genesis_mlx import fastmath
+
+    edges = [-np.inf, np.inf, np.nan, 0.0, -87.0, -88.7, -103.0, -104.0, 88.0, 89.0, 200.0]
+    x64 = np.concatenate([np.linspace(-120.0, 120.0, 2 * fastmath.FUSED_MIN_SIZE), edges])
+    x = mx.array(x64.astype(np.float32))
+    want = 1.0 / (1.0 + np.exp(-np.array(x, np.float64)))
+    got = np.array(fastmath.sigmoid(x), np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    normal, tiny = want >= 2.0**-126, want < 2.0**-126  # nan: neither
+    assert elementwise_rel(want[normal], got[normal]) <= 1e-5
+    assert (got[tiny] < 2.0**-126).all()
+    small = x[: fastmath.FUSED_MIN_SIZE // 2]
+    assert small.size < fastmath.FUSED_MIN_SIZE <= x.size  # both paths ran
+    assert elementwise_rel(fastmath.silu(x)[: small.size], fastmath.silu(small),
+                           floor=1e-30) <= 1e-6
+    gate, up = mx.random.normal((2, 4096)) * 6, mx.random.normal((2, 4096))
+    np.testing.assert_allclose(np.array(fastmath.silu_gate(gate, up)),
+                               np.array(gate * mx.sigmoid(gate) * up), rtol=1e-5, atol=1e-6)
+    gate16 = gate.astype(mx.bfloat16)
+    half = fastmath.silu(gate16)
+    assert half.dtype == mx.bfloat16
+    exact = gate16.astype(mx.float32) * mx.sigmoid(gate16.astype(mx.float32))
+    assert elementwise_rel(exact, half.astype(mx.float32)) <= 2.0**-8  # one rounding
+    grad = mx.grad(lambda g: fastmath.silu(g).sum())(gate)
+    want = mx.grad(lambda g: (g * mx.sigmoid(g)).sum())(gate)
+    np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-5, atol=1e-6)
+
+
 def test_softmax_flushes_weights_below_the_smallest_normal():
     """FoX scores biased by a long context's forget gates spread over ~1000: the
     weights float32 can hold match float64 softmax, the rest are exactly 0."""

@@ -149,6 +149,6 @@ def advice() -> str:
             return "OpenBLAS preloaded, vector products through its GEMV"
         if switched_off("GENESIS_MLX_GEMV"):
             return "OpenBLAS preloaded, GEMV forwarding off"
-        return "OpenBLAS preloaded; no C compiler for the GEMV forwarding (decoding ~25% slower)"
+        return "OpenBLAS preloaded; no C compiler for the GEMV forwarding (decoding slower)"
     return ("reference BLAS (slow fp32 matmul): install OpenBLAS, e.g. "
             "'apt install libopenblas0-pthread', and genesis-mlx will preload it")

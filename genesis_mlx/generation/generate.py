@@ -22,8 +22,8 @@ DEFAULT_REPETITION_PENALTY = 1.05
 
 # Prompts are read in pieces of this many tokens: a FoX layer's attention scores for a
 # piece are [heads, piece, context], so the piece bounds prefill memory (mlx-lm's
-# default, 2048, holds twice as much); measured at 2048 tokens on the CPU, 1024 was
-# as fast as 2048 and faster than 512.
+# default, 2048, holds twice as much); on the CPU, 1024 reads a long prompt as fast
+# as 2048 and faster than 512 (BENCHMARKS.md).
 PREFILL_STEP = 1024
 
 

@@ -86,7 +86,7 @@ def short_convs_token(raw, tail, weight, segments):
 
 def stacked_conv_weights(convs) -> mx.array:
     """Short convs' weights [C_i, K, 1] -> [K, sum C_i]."""
-    return mx.concatenate([c.conv.weight[..., 0].T for c in convs], axis=1)
+    return mx.concatenate([c.weight_kc for c in convs], axis=1)
 
 
 def compile_with_cache(apply: Callable, inputs, fields: Sequence[str]):

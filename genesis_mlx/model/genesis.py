@@ -14,6 +14,7 @@ Two forward semantics:
   last position (TTT included, unlike the reference's own cached ``generate``).
 """
 
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional
@@ -24,10 +25,10 @@ from mlx_lm.models.base import BaseModelArgs
 
 from .. import kernels
 from ..checks import KV_BITS
-from ..fastmath import exp, sigmoid, silu
+from ..fastmath import exp, sigmoid, silu, silu_gate
 from .cache import FoxCache, GLACache, QuantizedFoxCache, TTTCache, first_real
-from .decode import TokenDecoder
-from .ops import l2_normalize, last_window_conv, norm_gain
+from .decode import TokenDecoder, stacked_conv_weights
+from .ops import causal_depthwise_conv, l2_normalize, norm_gain
 from .rope import RotaryEmbedding
 
 
@@ -158,7 +159,7 @@ class RMSNorm(nn.Module):
 
     def __call__(self, x, gate=None):
         y = mx.fast.rms_norm(x, self.weight, self.eps)
-        return y if gate is None else y * silu(gate)
+        return y if gate is None else silu_gate(gate, y)
 
 
 class GroupRMSNorm(nn.Module):
@@ -187,13 +188,14 @@ class ShortConvolution(nn.Module):
         self.kernel_size = kernel_size
         self.activation = activation
 
+    @property
+    def weight_kc(self):
+        return self.conv.weight[..., 0].T  # [C, K, 1] -> [K, C]
+
     def __call__(self, history):
         """history: [B, K - 1 + T, C], the T inputs preceded by the K - 1 before them
         (zeros at the start of a sequence). Returns [B, T, C]."""
-        if history.shape[1] == self.kernel_size:
-            y = last_window_conv(history, self.conv.weight[..., 0].T)
-        else:
-            y = self.conv(history)
+        y = causal_depthwise_conv(history, self.weight_kc)
         return silu(y) if self.activation else y
 
 
@@ -206,10 +208,14 @@ def causal_conv_with_tail(convs, inputs, tail, kernel_size, mask=None):
     if tail is None:
         tail = mx.zeros((raw.shape[0], kernel_size - 1, raw.shape[2]), dtype=raw.dtype)
     history = mx.concatenate([tail, raw], axis=1)
-    outputs, start = [], 0
-    for conv, width in zip(convs, widths):
-        outputs.append(conv(history[..., start : start + width]))
-        start += width
+    # One conv over all channels: one pass over the history instead of one per input.
+    mixed = causal_depthwise_conv(history, stacked_conv_weights(convs))
+    activations = {c.activation for c in convs}
+    if activations == {True}:
+        mixed = silu(mixed)
+    outputs = mx.split(mixed, list(itertools.accumulate(widths[:-1])), axis=-1)
+    if len(activations) > 1:
+        outputs = [silu(y) if c.activation else y for c, y in zip(convs, outputs)]
     if mask is None:
         return outputs, history[:, -(kernel_size - 1) :]
     end = first_real(mask) + mask.sum(axis=1).astype(mx.int32)  # one past the last real
@@ -433,7 +439,7 @@ class SwiGLU(nn.Module):
 
     def activation(self, gate, up):
         """What down_proj reads, from gate_proj's and up_proj's outputs."""
-        hidden = silu(gate) * up
+        hidden = silu_gate(gate, up)
         if self.selective and not self.training and self.k_ratio < 1.0:
             hidden = mx.where(self.topk_mask(hidden), hidden, 0)
         return hidden

@@ -16,6 +16,21 @@ def norm_gain(norm: nn.Module) -> mx.array:
     return 1.0 + norm.omega if "omega" in norm else norm.weight
 
 
+def causal_depthwise_conv(history, weight_kc):
+    """A causal depthwise conv over time: ``history`` [B, K - 1 + T, C] (the T inputs
+    preceded by the K - 1 before them), weight [K, C] -> [B, T, C]. As K shifted
+    products: on the CPU, conv1d with one group per channel costs several times as
+    much for the same sums."""
+    K = weight_kc.shape[0]
+    T = history.shape[1] - K + 1
+    if T == 1:
+        return last_window_conv(history, weight_kc)
+    out = history[:, :T] * weight_kc[0]
+    for i in range(1, K):
+        out = out + history[:, i : i + T] * weight_kc[i]
+    return out
+
+
 def last_window_conv(window, weight_kc):
     """A causal depthwise conv's output at the last position of ``window`` [B, K, C]
     (the K inputs it sees), weight [K, C]: one fused op, where a conv1d over a
