@@ -14,6 +14,9 @@ millions of exponentials. So:
 BENCHMARKS.md has the timings.
 """
 
+import contextlib
+import contextvars
+
 import mlx.core as mx
 
 LOG2_E = 1.4426950408889634
@@ -28,10 +31,27 @@ EXP2_COEFFICIENTS = (0.999999999971842, 0.6931472000626793, 0.24022651101313913,
                      0.0555034068074593, 0.009618039945756053, 0.0013395279800388039,
                      0.0001546531231920132)
 
-# Below this many elements (a decoding token's vectors) the plain ops are kept: there
-# they fuse with their neighbours in the decode step's compiled graph, which the
-# float32 bit view in ``power_of_two`` would split into several kernels.
+# Below this many elements (a decoding token's vectors) the plain ops are kept: one
+# compiled call costs more than the few small ops it replaces.
 FUSED_MIN_SIZE = 4096
+
+FUSING = contextvars.ContextVar("genesis_mlx_fastmath_fusing", default=True)
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """The plain forms only, whatever the size: for graphs that ``mx.compile`` fuses
+    as a whole (the decode steps), which the float32 bit view in ``power_of_two``
+    would split into several kernels."""
+    token = FUSING.set(False)
+    try:
+        yield
+    finally:
+        FUSING.reset(token)
+
+
+def fused(x: mx.array) -> bool:
+    return x.size >= FUSED_MIN_SIZE and FUSING.get()
 
 
 def exp(x: mx.array) -> mx.array:
@@ -53,16 +73,16 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    return sigmoid_fused(x) if x.size >= FUSED_MIN_SIZE else 1.0 / (1.0 + exp(-x))
+    return sigmoid_fused(x) if fused(x) else 1.0 / (1.0 + exp(-x))
 
 
 def silu(x: mx.array) -> mx.array:
-    return silu_fused(x) if x.size >= FUSED_MIN_SIZE else x * (1.0 / (1.0 + exp(-x)))
+    return silu_fused(x) if fused(x) else x * (1.0 / (1.0 + exp(-x)))
 
 
 def silu_gate(gate: mx.array, x: mx.array) -> mx.array:
     """x * silu(gate): SwiGLU's product and the gated norms' output."""
-    return silu_gate_fused(gate, x) if gate.size >= FUSED_MIN_SIZE else silu(gate) * x
+    return silu_gate_fused(gate, x) if fused(gate) else silu(gate) * x
 
 
 def power_of_two(n: mx.array) -> mx.array:

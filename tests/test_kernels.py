@@ -301,6 +301,11 @@ def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
     grad = mx.grad(lambda g: fastmath.silu(g).sum())(gate)
     want = mx.grad(lambda g: (g * mx.sigmoid(g)).sum())(gate)
     np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-5, atol=1e-6)
+    # Decoding's compiled steps are traced with the plain forms, whatever the size.
+    plain = gate * (1.0 / (1.0 + mx.power(2.0, -gate * fastmath.LOG2_E)))
+    with fastmath.plain_ops():
+        assert mx.array_equal(fastmath.silu(gate), plain)
+    assert not mx.array_equal(fastmath.silu(gate), plain)  # bits apart somewhere
 
 
 def test_softmax_flushes_weights_below_the_smallest_normal():

@@ -29,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from ..fastmath import exp, silu
+from ..fastmath import exp, plain_ops, silu
 from .cache import FoxCache, QuantizedFoxCache
 from .ops import L2_EPS, last_window_conv, norm_gain
 
@@ -342,6 +342,10 @@ class TokenDecoder:
 
     def __call__(self, x, cache):
         """x [B, 1, C] (embedded) -> after the blocks and the TTT head."""
+        with plain_ops():  # the steps are traced with the ops they fuse
+            return self.blocks_and_head(x, cache)
+
+    def blocks_and_head(self, x, cache):
         model = self.model
         B, _, C = x.shape
         rows = x.reshape(B, C)
