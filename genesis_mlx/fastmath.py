@@ -16,6 +16,7 @@ BENCHMARKS.md has the timings.
 
 import contextlib
 import contextvars
+import threading
 
 import mlx.core as mx
 
@@ -73,16 +74,16 @@ def softmax(x: mx.array, axis: int = -1) -> mx.array:
 
 
 def sigmoid(x: mx.array) -> mx.array:
-    return sigmoid_fused(x) if fused(x) else 1.0 / (1.0 + exp(-x))
+    return COMPILED.sigmoid(x) if fused(x) else 1.0 / (1.0 + exp(-x))
 
 
 def silu(x: mx.array) -> mx.array:
-    return silu_fused(x) if fused(x) else x * (1.0 / (1.0 + exp(-x)))
+    return COMPILED.silu(x) if fused(x) else x * (1.0 / (1.0 + exp(-x)))
 
 
 def silu_gate(gate: mx.array, x: mx.array) -> mx.array:
     """x * silu(gate): SwiGLU's product and the gated norms' output."""
-    return silu_gate_fused(gate, x) if fused(gate) else silu(gate) * x
+    return COMPILED.silu_gate(gate, x) if fused(gate) else silu(gate) * x
 
 
 def power_of_two(n: mx.array) -> mx.array:
@@ -109,18 +110,31 @@ def sigmoid_float32(x: mx.array) -> mx.array:
     return 1.0 / (1.0 + exp2_float32(x * -LOG2_E))
 
 
-@mx.compile
-def sigmoid_fused(x: mx.array) -> mx.array:
+def sigmoid_cast(x: mx.array) -> mx.array:
     return sigmoid_float32(x.astype(mx.float32)).astype(x.dtype)
 
 
-@mx.compile
-def silu_fused(x: mx.array) -> mx.array:
+def silu_cast(x: mx.array) -> mx.array:
     x32 = x.astype(mx.float32)
     return (x32 * sigmoid_float32(x32)).astype(x.dtype)
 
 
-@mx.compile
-def silu_gate_fused(gate: mx.array, x: mx.array) -> mx.array:
+def silu_gate_cast(gate: mx.array, x: mx.array) -> mx.array:
     g = gate.astype(mx.float32)
     return (g * sigmoid_float32(g)).astype(gate.dtype) * x
+
+
+class Compiled(threading.local):
+    """The fused forms, compiled once per thread. MLX caches a compiled function's
+    traces per thread, holding the Python function, and a thread that ends with
+    traces cached aborts the process (mlx-lm's server decodes in a thread of its
+    own). A thread's local objects are released first, in the thread itself, and
+    take their traces with them."""
+
+    def __init__(self):
+        self.sigmoid = mx.compile(sigmoid_cast)
+        self.silu = mx.compile(silu_cast)
+        self.silu_gate = mx.compile(silu_gate_cast)
+
+
+COMPILED = Compiled()
