@@ -121,12 +121,13 @@ def test_mlx_workers_share_one_blas_whoever_started_the_bench(monkeypatch):
     """Ours and mlx-lm's Llama get one environment: the CLI's preload, rebuilt the
     same whether the bench runs under it or from plain Python; the user's own
     preloads stay behind ours."""
-    from genesis_mlx.benchmark.environments import mlx_preload, worker_environment
+    from genesis_mlx.benchmark.environments import worker_environment
+    from genesis_mlx.blas import command_preload
 
     plain = {"PATH": os.environ["PATH"], "LD_PRELOAD": "/opt/mine.so"}
-    under_cli = dict(plain, LD_PRELOAD=":".join([*mlx_preload(), "/opt/mine.so"]),
+    under_cli = dict(plain, LD_PRELOAD=":".join([*command_preload(), "/opt/mine.so"]),
                      GENESIS_MLX_BLAS_REEXEC="1")
-    want = ":".join([*mlx_preload(), "/opt/mine.so"])
+    want = ":".join([*command_preload(), "/opt/mine.so"])
     for env in (plain, under_cli):
         ours, theirs = (worker_environment(impl, env) for impl in ("genesis-mlx", "mlx-lm"))
         assert ours == theirs and ours["LD_PRELOAD"] == want

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Mapping
 
-from ..blas import CHILD_FLAG, preload_libraries, switched_off
+from ..blas import CHILD_FLAG, command_preload
 from .reference_worker import OUR_VARIABLE_PREFIXES
 
 REFERENCE_WORKER = Path(__file__).with_name("reference_worker.py")
@@ -28,14 +28,6 @@ def reference_environment(env: Mapping[str, str]) -> dict:
             if k != "LD_PRELOAD" and not k.startswith(OUR_VARIABLE_PREFIXES)}
 
 
-def mlx_preload() -> List[str]:
-    """What the ``genesis-mlx`` command preloads on this machine (empty where it
-    preloads nothing: not Linux, GENESIS_MLX_BLAS=off, no OpenBLAS)."""
-    if not sys.platform.startswith("linux") or switched_off("GENESIS_MLX_BLAS"):
-        return []
-    return preload_libraries()
-
-
 def is_gemv_forwarding(path: str) -> bool:
     return os.path.basename(path).startswith("gemv_forward-")
 
@@ -44,7 +36,7 @@ def mlx_environment(env: Mapping[str, str]) -> dict:
     """The environment of every MLX worker: the ``genesis-mlx`` command's preload in
     front of the user's own, so ours and mlx-lm's Llama compute with the same BLAS
     whether the bench was started by the command or from Python."""
-    ours = mlx_preload()
+    ours = command_preload()
     theirs = [p for p in env.get("LD_PRELOAD", "").split(":")
               if p and p not in ours and not is_gemv_forwarding(p)]
     out = {k: v for k, v in env.items() if k not in ("LD_PRELOAD", CHILD_FLAG)}

@@ -99,6 +99,14 @@ def preload_libraries() -> List[str]:
     return [p for p in (forward, library) if p]
 
 
+def command_preload() -> List[str]:
+    """What the ``genesis-mlx`` command preloads on this machine: empty off Linux, with
+    GENESIS_MLX_BLAS=off, or without OpenBLAS."""
+    if not sys.platform.startswith("linux") or switched_off("GENESIS_MLX_BLAS"):
+        return []
+    return preload_libraries()
+
+
 def mapped_libraries() -> str:
     try:
         return Path("/proc/self/maps").read_text()
@@ -127,11 +135,9 @@ def describe() -> str:
 def reexec_with_openblas(argv) -> None:
     """Re-runs this command with OpenBLAS preloaded, when that is possible and wanted.
     Returns only if it does not re-execute."""
-    if not sys.platform.startswith("linux") or os.environ.get(CHILD_FLAG):
+    if os.environ.get(CHILD_FLAG) or "openblas" in os.environ.get("LD_PRELOAD", ""):
         return
-    if switched_off("GENESIS_MLX_BLAS") or "openblas" in os.environ.get("LD_PRELOAD", ""):
-        return
-    libraries = preload_libraries()
+    libraries = command_preload()
     if not libraries:
         return
     preload = ":".join(p for p in [*libraries, os.environ.get("LD_PRELOAD", "")] if p)

@@ -9,12 +9,12 @@ def run(args):
     import mlx.core as mx
 
     from .. import __version__
-    from ..blas import advice, describe, preload_libraries
+    from ..blas import advice, command_preload, describe
 
     print(f"genesis-mlx {__version__}, mlx {mx.__version__}")
     print(f"machine: {platform.system()} {platform.machine()}, python {platform.python_version()}")
     print(f"device: {mx.default_device()}")
     print(f"blas: {describe()} ({advice()})")
-    libraries = preload_libraries() if platform.system() == "Linux" else []
+    libraries = command_preload()
     if libraries:  # for the user's own Python processes
         print(f"preload: LD_PRELOAD={':'.join(libraries)}")

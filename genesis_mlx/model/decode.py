@@ -29,9 +29,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .. import kernels
-from ..fastmath import exp, plain_ops, silu
+from ..fastmath import exp, plain_ops
 from .cache import FoxCache, QuantizedFoxCache
-from .ops import L2_EPS, last_window_conv, norm_gain
+from .ops import L2_EPS, last_window_conv, norm_gain, split_activated
 
 
 def transposed_weight(layer: nn.Module) -> Optional[mx.array]:
@@ -73,15 +73,7 @@ def short_convs_token(raw, tail, weight, segments):
     (width, activation) of consecutive outputs. -> outputs [B, 1, width] each, the
     new tail"""
     window = mx.concatenate([tail, raw[:, None]], axis=1)
-    mixed = last_window_conv(window, weight)
-    if all(activation for _, activation in segments):  # one SiLU node for all
-        mixed, segments = silu(mixed), [(width, False) for width, _ in segments]
-    outputs, start = [], 0
-    for width, activation in segments:
-        y = mixed[..., start : start + width]
-        outputs.append(silu(y) if activation else y)
-        start += width
-    return outputs, window[:, 1:]
+    return split_activated(last_window_conv(window, weight), segments), window[:, 1:]
 
 
 def stacked_conv_weights(convs) -> mx.array:

@@ -14,7 +14,6 @@ Two forward semantics:
   last position (TTT included, unlike the reference's own cached ``generate``).
 """
 
-import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, List, Optional
@@ -25,10 +24,10 @@ from mlx_lm.models.base import BaseModelArgs
 
 from .. import kernels
 from ..checks import KV_BITS
-from ..fastmath import exp, sigmoid, silu, silu_gate
+from ..fastmath import exp, sigmoid, silu_gate
 from .cache import FoxCache, GLACache, QuantizedFoxCache, TTTCache, first_real
 from .decode import TokenDecoder, stacked_conv_weights
-from .ops import causal_depthwise_conv, l2_normalize, norm_gain
+from .ops import causal_depthwise_conv, l2_normalize, norm_gain, split_activated
 from .rope import RotaryEmbedding
 
 
@@ -179,8 +178,9 @@ class GroupRMSNorm(nn.Module):
 
 
 class ShortConvolution(nn.Module):
-    """Causal depthwise conv over time (the checkpoint's ``conv.weight`` [C, K, 1]:
-    nn.Conv1d's layout and key)."""
+    """A causal depthwise conv over time: its weight (the checkpoint's ``conv.weight``
+    [C, K, 1], nn.Conv1d's layout and key) and whether SiLU follows. A layer's convs
+    run together, over their inputs side by side (``causal_conv_with_tail``)."""
 
     def __init__(self, channels: int, kernel_size: int, activation: bool = True):
         super().__init__()
@@ -191,12 +191,6 @@ class ShortConvolution(nn.Module):
     @property
     def weight_kc(self):
         return self.conv.weight[..., 0].T  # [C, K, 1] -> [K, C]
-
-    def __call__(self, history):
-        """history: [B, K - 1 + T, C], the T inputs preceded by the K - 1 before them
-        (zeros at the start of a sequence). Returns [B, T, C]."""
-        y = causal_depthwise_conv(history, self.weight_kc)
-        return silu(y) if self.activation else y
 
 
 def causal_conv_with_tail(convs, inputs, tail, kernel_size, mask=None):
@@ -210,12 +204,7 @@ def causal_conv_with_tail(convs, inputs, tail, kernel_size, mask=None):
     history = mx.concatenate([tail, raw], axis=1)
     # One conv over all channels: one pass over the history instead of one per input.
     mixed = causal_depthwise_conv(history, stacked_conv_weights(convs))
-    activations = {c.activation for c in convs}
-    if activations == {True}:
-        mixed = silu(mixed)
-    outputs = mx.split(mixed, list(itertools.accumulate(widths[:-1])), axis=-1)
-    if len(activations) > 1:
-        outputs = [silu(y) if c.activation else y for c, y in zip(convs, outputs)]
+    outputs = split_activated(mixed, [(w, c.activation) for w, c in zip(widths, convs)])
     if mask is None:
         return outputs, history[:, -(kernel_size - 1) :]
     end = first_real(mask) + mask.sum(axis=1).astype(mx.int32)  # one past the last real

@@ -4,6 +4,8 @@ share."""
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..fastmath import silu
+
 L2_EPS = 1e-6
 
 
@@ -14,6 +16,19 @@ def l2_normalize(x, eps=L2_EPS):
 def norm_gain(norm: nn.Module) -> mx.array:
     """What an RMSNorm multiplies by: 1 + omega (zero-centered) or its weight."""
     return 1.0 + norm.omega if "omega" in norm else norm.weight
+
+
+def split_activated(mixed, segments):
+    """Stacked short convs' outputs [..., sum of widths] -> one array per (width,
+    activation) segment, SiLU'd where asked (one SiLU for all when all ask)."""
+    if all(activation for _, activation in segments):
+        mixed, segments = silu(mixed), [(width, False) for width, _ in segments]
+    outputs, start = [], 0
+    for width, activation in segments:
+        y = mixed[..., start : start + width]
+        outputs.append(silu(y) if activation else y)
+        start += width
+    return outputs
 
 
 def causal_depthwise_conv(history, weight_kc):
