@@ -188,7 +188,8 @@ class FoxCache(SequenceCache):
         """Room for n more rows (grown in FOX_CACHE_STEP steps)."""
         if self.offset + n <= self.capacity():
             return
-        grow = -(-(self.offset + n - self.capacity()) // FOX_CACHE_STEP) * FOX_CACHE_STEP
+        # Grown from the rows written: the free rows past them may be too few to count.
+        grow = -(-n // FOX_CACHE_STEP) * FOX_CACHE_STEP
         self.map_buffers(lambda a: mx.concatenate(
             [a[:, :, : self.offset], zero_rows(a, a.shape[0], grow)], axis=2))
 
