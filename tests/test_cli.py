@@ -328,7 +328,7 @@ def test_chat_context_overflow_keeps_the_recent_turns(demo_model):
     import genesis_mlx as g
     from genesis_mlx.conversion.tokenizer import render_chat
     from genesis_mlx.generation.chat import ChatSession
-    from genesis_mlx.generation.generate import prefill
+    from genesis_mlx.generation.steps import prefill
 
     model_dir, _ = demo_model
     model, tokenizer = g.load(str(model_dir))

@@ -1,15 +1,18 @@
-"""Generation as the reference does it: its CLI's sampling defaults, its repetition
-penalty over the whole sequence."""
+"""Generation as the reference does it (its CLI's sampling defaults, its repetition
+penalty over the whole sequence), through a token loop that gives mlx-lm's
+generate_step's tokens and decoding state."""
 
 import inspect
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import torch
 
 import reference as R
 from conftest import CONFIGS, mlx_model, tokens
 from genesis_mlx.generation.generate import SamplingOptions
+from genesis_mlx.generation.steps import generate_step
 
 
 def test_sampling_defaults_are_the_reference_clis():
@@ -24,8 +27,6 @@ def test_sampling_defaults_are_the_reference_clis():
 
 
 def greedy_tokens(model, prompt, n, penalty):
-    from mlx_lm.generate import generate_step
-
     options = SamplingOptions(temp=0.0, repetition_penalty=penalty)
     steps = generate_step(mx.array(prompt[0]), model, max_tokens=n, sampler=options.sampler(),
                           logits_processors=options.logits_processors(10_000),
@@ -52,3 +53,71 @@ def test_repetition_penalty_covers_the_whole_sequence_as_the_references(referenc
     assert np.array_equal(
         np.array(windowed.logits_processors(10_000)[0](mx.array(prompt[0]), mx.zeros((1, 512)) + 1)),
         np.where(np.isin(np.arange(512), prompt[0]), 1 / penalty, 1.0)[None].astype(np.float32))
+
+
+def run_loop(step_fn, model, prompt, n_tokens, stop_after=None):
+    """Tokens and logprobs from a token loop (sampled at temperature 0.8 from a fixed
+    seed, repetition penalty on), stopped by closing it after ``stop_after`` tokens,
+    and the decoding state after."""
+    from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
+
+    mx.random.seed(11)
+    cache = model.make_cache()
+    steps = step_fn(mx.array(prompt), model, max_tokens=n_tokens, prompt_cache=cache,
+                    sampler=make_sampler(0.8, top_k=40),
+                    logits_processors=[make_repetition_penalty(1.5, 10_000)],
+                    prefill_step_size=32)
+    out = []
+    for token, logprobs in steps:
+        out.append((token, np.array(logprobs)))
+        if len(out) == stop_after:
+            break
+    steps.close()
+    return out, cache
+
+
+@pytest.mark.parametrize("length", [1, 5, 32, 33, 70])
+@pytest.mark.parametrize("stop_after", [None, 1, 3])
+def test_token_loop_gives_mlx_lms_tokens_and_state(reference_checkpoint, length, stop_after):
+    """Against mlx-lm's generate_step on prompts that end a prefill piece, start one,
+    or fill one: the same sampled tokens, the same log-probabilities, and, once the
+    loop is done or closed, a cache that has seen every token handed out."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+    from test_cache import cache_arrays
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    prompt = tokens(length, seed=length)[0]
+    got, got_cache = run_loop(generate_step, model, prompt, 6, stop_after)
+    want, want_cache = run_loop(mlx_lm_generate_step, model, prompt, 6, stop_after)
+    assert [t for t, _ in got] == [t for t, _ in want]
+    assert len(got) == (stop_after or 6)
+    for (_, a), (_, b) in zip(got, want):
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b[np.isfinite(b)]).max())
+    assert got_cache[0].positions.item() == want_cache[0].positions.item() == length + len(got)
+    got_arrays, want_arrays = cache_arrays(got_cache), cache_arrays(want_cache)
+    assert len(got_arrays) == len(want_arrays) > 0
+    for a, b in zip(got_arrays, want_arrays):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+
+
+def test_first_token_comes_from_the_prompts_read(reference_checkpoint, monkeypatch):
+    """The first token is sampled from the prompt's own read, its last position alone
+    through the output layer: no one-token decoding step runs before it."""
+    from genesis_mlx.model.decode import TokenDecoder
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    calls, head_inputs = [], []
+    decode_token = TokenDecoder.__call__
+    monkeypatch.setattr(TokenDecoder, "__call__",
+                        lambda self, x, cache: calls.append(1) or decode_token(self, x, cache))
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda x: head_inputs.append(x.shape) or logits(x))
+    steps = generate_step(mx.array(tokens(40)[0]), model, max_tokens=4)
+    next(steps)
+    assert calls == [] and head_inputs == [(1, model.args.n_embd)]
+    next(steps)  # feeds the first token, then dispatches the second's step (mlx-lm's order)
+    assert len(calls) == 2
+    steps.close()

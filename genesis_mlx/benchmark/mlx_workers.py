@@ -1,7 +1,8 @@
 """The bench's MLX workers: this port (exact and 8-bit FoX cache) and mlx-lm running
-a Llama of the same size, both timed through mlx-lm's ``generate_step`` as a user's
-generate runs it. The bench starts them with one environment, so both compute with
-the same BLAS (see ``environments.mlx_environment``)."""
+a Llama of the same size, each timed through the token loop its users' generate runs
+(``generation.steps.generate_step`` here, mlx-lm's ``generate_step`` there). The bench
+starts them with one environment, so both compute with the same BLAS (see
+``environments.mlx_environment``)."""
 
 import argparse
 import json
@@ -33,12 +34,11 @@ def attention_cache_nbytes(cache) -> int:
     return sum(c.nbytes for c in cache if isinstance(c, (FoxCache, KVCache)))
 
 
-def run_mlx(model, ids, gen, make_cache, reps, prefill_step):
-    """Times mlx-lm's generate_step as a user's generate runs it: prefill = time to
-    the first token (the prompt read in pieces of ``prefill_step``, plus one step),
-    decode = the ``gen`` tokens after it."""
+def run_mlx(model, ids, gen, make_cache, reps, generate_step, prefill_step):
+    """Times a token loop as a user's generate runs it: prefill = time to the first
+    token (the prompt read in pieces of ``prefill_step``), decode = the ``gen``
+    tokens after it."""
     import mlx.core as mx
-    from mlx_lm.generate import generate_step
 
     prompt = mx.array(ids[0])
     prefill, decode, cache_bytes, attention_bytes = [], [], 0, 0
@@ -58,18 +58,19 @@ def run_mlx(model, ids, gen, make_cache, reps, prefill_step):
 
 
 def worker_genesis(args):
-    from ..generation.generate import PREFILL_STEP
+    from ..generation.steps import PREFILL_STEP, generate_step
     from ..loading import load_model_only
 
     model = load_model_only(args.model)
     ids = prompt_ids(args.prompt_length, model.args.vocab_size)
     kv_bits = 8 if args.impl == "genesis-mlx-kv8" else None
     return run_mlx(model, ids, args.gen, lambda: model.make_cache(kv_bits), args.reps,
-                   PREFILL_STEP)
+                   generate_step, PREFILL_STEP)
 
 
 def worker_mlx_lm(args):
     import mlx.core as mx
+    from mlx_lm.generate import generate_step
     from mlx_lm.models import llama
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -77,7 +78,7 @@ def worker_mlx_lm(args):
     mx.eval(model.parameters())
     ids = prompt_ids(args.prompt_length, SMOLLM2_135M["vocab_size"])
     return run_mlx(model, ids, args.gen, lambda: make_prompt_cache(model), args.reps,
-                   MLX_LM_PREFILL_STEP)
+                   generate_step, MLX_LM_PREFILL_STEP)
 
 
 def mlx_backend() -> str:

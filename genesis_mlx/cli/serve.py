@@ -4,7 +4,7 @@ import json
 import re
 
 from ..errors import GenesisError
-from ..generation.generate import PREFILL_STEP
+from ..generation.steps import PREFILL_STEP
 from .generate import add_revision_argument
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]

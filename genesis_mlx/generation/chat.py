@@ -12,7 +12,8 @@ from ..conversion.tokenizer import (ASSISTANT_START, DEFAULT_SYSTEM_PROMPT, chat
                                      render_chat)
 from ..errors import GenesisError
 from ..model.cache import CACHE_LAYOUT
-from .generate import SamplingOptions, prefill, stream_generate
+from .generate import SamplingOptions, stream_generate
+from .steps import prefill
 
 
 def snapshot(cache):

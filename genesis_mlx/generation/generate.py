@@ -1,31 +1,29 @@
-"""Text generation on top of mlx-lm's ``stream_generate``: sampling and streaming
-detokenization are mlx-lm's; the decoding state (GLA recurrent state, FoX K/V, TTT
-statistics) is the model's own cache, so TTT stays on while decoding."""
+"""Text generation: mlx-lm's ``stream_generate`` loop over this package's token loop
+(``steps.generate_step``, which hands out the first token sooner); sampling, the
+streaming detokenizer and the responses are mlx-lm's. The decoding state (GLA
+recurrent state, FoX K/V, TTT statistics) is the model's own cache, so TTT stays on
+while decoding."""
 
 import sys
+import time
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Union
 
 import mlx.core as mx
-from mlx_lm.generate import GenerationResponse
-from mlx_lm.generate import stream_generate as mlx_stream_generate
+from mlx_lm.generate import GenerationResponse, generation_stream, wired_limit
 from mlx_lm.sample_utils import make_repetition_penalty, make_sampler
+from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from ..checks import check_finite, check_seed
 from ..errors import GenesisError
+from .steps import generate_step
 
 # The reference CLI's defaults (genesis/cli.py).
 DEFAULT_TEMP = 0.7
 DEFAULT_TOP_K = 50
 DEFAULT_TOP_P = 0.9
 DEFAULT_REPETITION_PENALTY = 1.05
-
-# Prompts are read in pieces of this many tokens: a FoX layer's attention scores for a
-# piece are [heads, piece, context], so the piece bounds prefill memory (mlx-lm's
-# default, 2048, holds twice as much); on the CPU, 1024 reads a long prompt as fast
-# as 2048 and faster than 512 (BENCHMARKS.md).
-PREFILL_STEP = 1024
-
 
 @dataclass
 class SamplingOptions:
@@ -116,20 +114,47 @@ def stream_generate(
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
     context = model.args.block_size + max(max_tokens, 0) + 1_000_000
-    yield from mlx_stream_generate(
-        model, tokenizer, mx.array(tokens), max_tokens=max_tokens,
-        sampler=sampling.sampler(),
+    steps = generate_step(
+        mx.array(tokens), model, max_tokens=max_tokens, sampler=sampling.sampler(),
         logits_processors=sampling.logits_processors(context),
         prompt_cache=prompt_cache if prompt_cache is not None else model.make_cache(kv_bits),
-        prefill_step_size=PREFILL_STEP,
     )
+    yield from responses(model, tokenizer, steps, len(tokens), max_tokens)
 
 
-def prefill(model, ids: List[int], cache: list):
-    """Reads tokens into the cache in PREFILL_STEP pieces, as generation does."""
-    for start in range(0, len(ids), PREFILL_STEP):
-        model(mx.array(ids[start:start + PREFILL_STEP])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+def responses(model, tokenizer, steps, n_prompt: int, max_tokens: int
+              ) -> Iterator[GenerationResponse]:
+    """mlx-lm's ``stream_generate`` loop over ``steps``: text by its streaming
+    detokenizer, the stop at an end-of-sequence token or ``max_tokens``, the speeds.
+    ``steps`` is closed when it stops, so the cache holds every token handed out."""
+    if not isinstance(tokenizer, TokenizerWrapper):
+        tokenizer = TokenizerWrapper(tokenizer)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    prompt_tps = 0.0
+
+    def response(token, logprobs, n, finish_reason=None):
+        return GenerationResponse(
+            text=detokenizer.last_segment, token=token, logprobs=logprobs, from_draft=False,
+            prompt_tokens=n_prompt, prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=n / (time.perf_counter() - tic),
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason)
+
+    with wired_limit(model, [generation_stream]), closing(steps):
+        tic = time.perf_counter()
+        for n, (token, logprobs) in enumerate(steps):
+            if n == 0:
+                prompt_tps = n_prompt / (time.perf_counter() - tic)
+                tic = time.perf_counter()
+            if token in tokenizer.eos_token_ids:
+                break
+            detokenizer.add_token(token)
+            if n + 1 == max_tokens:
+                break
+            yield response(token, logprobs, n + 1)
+        detokenizer.finalize()
+        finish = "stop" if token in tokenizer.eos_token_ids else "length"
+        yield response(token, logprobs, n + 1, finish)
 
 
 def generate(model, tokenizer, prompt, max_tokens: int = 256, verbose: bool = False,

@@ -604,6 +604,12 @@ class Model(nn.Module):
         """inputs [B, T] -> logits [B, T, vocab]. ``pad_mask`` [B, T] (True = token)
         left-pads rows without a cache or at the start of one: padded positions leave
         no trace in any state. (mlx-lm's batches right-pad through the cache.)"""
+        return self.logits(self.hidden_states(inputs, cache, pad_mask))
+
+    def hidden_states(self, inputs: mx.array, cache: Optional[List[Any]] = None,
+                      pad_mask: Optional[mx.array] = None) -> mx.array:
+        """inputs [B, T] -> the last block's (and TTT's) output [B, T, C]; generation
+        takes the logits of the last position only (``logits``)."""
         x = self.tok_emb(inputs)
         mask = self.token_mask(cache, pad_mask, x.shape[1])
         if self.token_decoder.applies(x, cache, mask):
@@ -613,6 +619,10 @@ class Model(nn.Module):
         if cache is not None:
             for c in cache:
                 c.advance(x.shape[1])
+        return x
+
+    def logits(self, x: mx.array) -> mx.array:
+        """Hidden states [..., C] -> logits [..., vocab]."""
         x = self.ln_f(x)
         if self.args.use_mup:
             x = x * (self.args.mup_output_mult / (self.args.n_embd / self.args.mup_base_width))
