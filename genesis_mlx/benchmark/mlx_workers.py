@@ -36,20 +36,24 @@ def attention_cache_nbytes(cache) -> int:
 
 def run_mlx(model, ids, gen, make_cache, reps, generate_step, prefill_step):
     """Times a token loop as a user's generate runs it: prefill = time to the first
-    token (the prompt read in pieces of ``prefill_step``), decode = the ``gen``
-    tokens after it."""
+    token (the prompt read in pieces of ``prefill_step``); decode = the ``gen`` tokens
+    after the second. From the second token on, either loop runs one decoding step a
+    token; before it, mlx-lm's runs two steps ahead of its first token and ours the
+    one that feeds the first token after it."""
     import mlx.core as mx
 
     prompt = mx.array(ids[0])
     prefill, decode, cache_bytes, attention_bytes = [], [], 0, 0
     for rep in range(reps + 1):  # the first round is the warm-up
         cache = make_cache()
-        steps = generate_step(prompt, model, max_tokens=gen + 1, prompt_cache=cache,
+        steps = generate_step(prompt, model, max_tokens=gen + 2, prompt_cache=cache,
                               prefill_step_size=prefill_step)
         t_first, _ = timed(lambda: next(steps))
         # The cache holds the prompt now, as the reference's after its forward.
         cache_bytes, attention_bytes = cache_nbytes(cache), attention_cache_nbytes(cache)
-        t_decode, _ = timed(lambda: [t for t, _ in steps])
+        next(steps)
+        t_decode, n_decoded = timed(lambda: len([t for t, _ in steps]))
+        assert n_decoded == gen
         if rep:
             prefill.append(ids.shape[1] / t_first)
             decode.append(gen / t_decode)
