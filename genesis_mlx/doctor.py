@@ -213,7 +213,7 @@ def fox_inputs(n_queries: int, n_keys: int, dims):
 
 def kernel_cases(emulated: bool, quick: bool):
     from . import kernels
-    from .generation.generate import PREFILL_STEP
+    from .generation.steps import PREFILL_STEP
     from .kernels.fox import kernel as fox_kernel
     from .kernels.gla import recurrent as gla_kernel
 
@@ -384,7 +384,7 @@ def model_logits(args, weights, ids, n_prompt: int):
 def paths_report() -> dict:
     """The dispatch's own rules (kernels.gla_decode_form, kernels.fox_form) for a
     decoding token and for a long prompt's pieces, with why."""
-    from .generation.generate import PREFILL_STEP
+    from .generation.steps import PREFILL_STEP
 
     report = {"decode": {"gla": gla_path(1), "fox": fox_path(1)},
               f"prefill pieces of {PREFILL_STEP} tokens": {"gla": gla_path(PREFILL_STEP),
