@@ -121,3 +121,71 @@ def test_first_token_comes_from_the_prompts_read(reference_checkpoint, monkeypat
     next(steps)  # feeds the first token, then dispatches the second's step (mlx-lm's order)
     assert len(calls) == 2
     steps.close()
+
+
+@pytest.mark.parametrize("length", [1, 33])
+@pytest.mark.parametrize("n_tokens, stop_after", [(0, None), (-1, 8)])
+def test_token_loop_without_a_limit_or_with_none_to_give(reference_checkpoint, length,
+                                                         n_tokens, stop_after):
+    """max_tokens 0 reads the prompt and gives nothing; -1 goes on until closed: the
+    tokens and the decoding state are mlx-lm's either way."""
+    from mlx_lm.generate import generate_step as mlx_lm_generate_step
+
+    from test_cache import cache_arrays
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    prompt = tokens(length, seed=length)[0]
+    got, got_cache = run_loop(generate_step, model, prompt, n_tokens, stop_after)
+    want, want_cache = run_loop(mlx_lm_generate_step, model, prompt, n_tokens, stop_after)
+    assert [t for t, _ in got] == [t for t, _ in want] and len(got) == (stop_after or 0)
+    assert got_cache[0].positions.item() == length + len(got)
+    for a, b in zip(cache_arrays(got_cache), cache_arrays(want_cache)):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max())
+
+
+def test_a_loop_closed_late_leaves_a_cache_that_moved_on(reference_checkpoint):
+    """The first token is fed when the loop is closed, unless the cache has read
+    something else since (a loop collected long after its caller went on)."""
+    from genesis_mlx.generation.steps import prefill
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    cache = model.make_cache()
+    steps = generate_step(mx.array(tokens(20)[0]), model, max_tokens=4, prompt_cache=cache)
+    next(steps)
+    prefill(model, [5, 6], cache)
+    before = [np.array(a) for a in cache[0].state]
+    steps.close()
+    assert cache[0].positions.item() == 22
+    assert all(np.array_equal(a, np.array(b)) for a, b in zip(before, cache[0].state))
+
+
+@pytest.mark.parametrize("finish", ["length", "stop"])
+def test_stream_generate_feeds_its_last_token_before_handing_it_out(
+        reference_checkpoint, tokenizer_path, finish):
+    """The final response comes with its token already in the cache (mlx-lm's loop
+    feeds every token it hands out): a caller may go on with the cache without
+    exhausting or closing the stream."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerFast
+
+    from genesis_mlx.generation.generate import stream_generate
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    prompt = tokens(20)[0].tolist()
+    greedy = SamplingOptions(temp=0.0)
+    tokenizer = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=tokenizer_path),
+                                 eos_token_ids=[])
+    first = next(stream_generate(model, tokenizer, prompt, 1, greedy,
+                                 prompt_cache=model.make_cache())).token
+    if finish == "stop":  # the first token ends the answer
+        tokenizer = TokenizerWrapper(tokenizer._tokenizer, eos_token_ids=[first])
+    cache = model.make_cache()
+    stream = stream_generate(model, tokenizer, prompt, 1 if finish == "length" else 5, greedy,
+                             prompt_cache=cache)
+    last = next(stream)
+    assert (last.finish_reason, last.token) == (finish, first)
+    assert cache[0].positions.item() == len(prompt) + 1
+    stream.close()

@@ -104,7 +104,8 @@ class ChatSession:
                 answer += response.text
                 yield response.text
             self.open_answer = not (stopped and response.token == self.im_end)
-            # mlx-lm feeds every token it returns (the stop token too) to the model.
+            # Every token handed out is fed to the model by the time the stream ends
+            # (the stop token too), as in mlx-lm's loop.
             self.n_tokens += len(ids) + len(answer_ids) + int(stopped)
         except KeyboardInterrupt:
             # The state may be mid-update: roll back and re-read what was shown.

@@ -124,9 +124,10 @@ def stream_generate(
 
 def responses(model, tokenizer, steps, n_prompt: int, max_tokens: int
               ) -> Iterator[GenerationResponse]:
-    """mlx-lm's ``stream_generate`` loop over ``steps``: text by its streaming
-    detokenizer, the stop at an end-of-sequence token or ``max_tokens``, the speeds.
-    ``steps`` is closed when it stops, so the cache holds every token handed out."""
+    """mlx-lm's ``stream_generate`` loop (as of mlx-lm 0.32) over ``steps``: text by
+    its streaming detokenizer, the stop at an end-of-sequence token or ``max_tokens``,
+    the speeds. ``steps`` is closed before the final response, so the cache holds
+    every token handed out by then, as with mlx-lm's loop."""
     if not isinstance(tokenizer, TokenizerWrapper):
         tokenizer = TokenizerWrapper(tokenizer)
     detokenizer = tokenizer.detokenizer
@@ -141,7 +142,7 @@ def responses(model, tokenizer, steps, n_prompt: int, max_tokens: int
             peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason)
 
     with wired_limit(model, [generation_stream]), closing(steps):
-        tic = time.perf_counter()
+        tic, token = time.perf_counter(), None
         for n, (token, logprobs) in enumerate(steps):
             if n == 0:
                 prompt_tps = n_prompt / (time.perf_counter() - tic)
@@ -152,6 +153,9 @@ def responses(model, tokenizer, steps, n_prompt: int, max_tokens: int
             if n + 1 == max_tokens:
                 break
             yield response(token, logprobs, n + 1)
+        steps.close()
+        if token is None:  # no token at all (max_tokens 0)
+            return
         detokenizer.finalize()
         finish = "stop" if token in tokenizer.eos_token_ids else "length"
         yield response(token, logprobs, n + 1, finish)

@@ -8,15 +8,19 @@ backend ``mx.async_eval`` returns only once most of a graph has run, so there th
 first token waits for the prompt, plus two decoding steps. Here the last token is read
 with the rest (only its position goes through the output layer), and the first token
 is handed out before the step that feeds it; that step runs when the caller asks for
-the next token, or on ``close()`` (generation closes the loop when it stops), so the
+the next token, or on ``close()`` (generation closes the loop when it stops; a loop
+closed only after its cache has moved on, by other reads, leaves it as it is), so the
 cache still ends holding every token handed out. From the second token on, it is
 mlx-lm's loop: the next step is dispatched before a token is handed out, which on a
 GPU overlaps building a step's graph with running the last one."""
 
+import itertools
 from typing import Callable, Generator, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx_lm.generate import generation_stream
+
+from ..model.cache import FoxCache
 
 # Prompts are read in pieces of this many tokens: a FoX layer's attention scores for a
 # piece are [heads, piece, context], so the piece bounds prefill memory (mlx-lm's
@@ -37,6 +41,18 @@ def prefill(model, ids, cache: list, step: int = PREFILL_STEP):
         model.hidden_states(ids[start : start + step][None], cache)
         mx.eval([c.state for c in cache])
         mx.clear_cache()
+
+
+def progress_marks(cache: list) -> list:
+    """What reading one more token changes in each layer's cache: a FoX cache's row
+    count; the arrays of the others, which every step replaces."""
+    return [c.offset if isinstance(c, FoxCache) else c.state for c in cache]
+
+
+def moved_since(cache: list, marks: list) -> bool:
+    return any(c.offset != mark if isinstance(c, FoxCache)
+               else any(a is not b for a, b in zip(c.state, mark))
+               for c, mark in zip(cache, marks))
 
 
 def generate_step(
@@ -71,7 +87,14 @@ def generate_step(
         with mx.stream(generation_stream):
             return sample(model(token[None], cache=cache)[:, -1], token)
 
-    if max_tokens == 0:
+    def dispatch(token):
+        next_y, next_logprobs = decode(token)
+        mx.async_eval(next_y, next_logprobs)
+        return next_y, next_logprobs
+
+    if max_tokens == 0:  # as mlx-lm's: the prompt is read, nothing is generated
+        with mx.stream(generation_stream):
+            prefill(model, prompt, cache, prefill_step_size)
         return
     with mx.stream(generation_stream):
         last = prompt.size - 1
@@ -80,25 +103,22 @@ def generate_step(
         hidden = model.hidden_states(prompt[read:][None], cache)
         y, logprobs = sample(model.logits(hidden[:, -1]), prompt)
     mx.eval(y, logprobs)
-    n, fed = 0, False
-    while True:
-        if n > 0:  # mlx-lm's order: the next step is on its way before y is read
-            next_y, next_logprobs = decode(y)
-            mx.async_eval(next_y, next_logprobs)
-            fed = True
-        try:
-            yield y.item(), logprobs
-        except GeneratorExit:  # closed right after the first token: feed it
-            if not fed:
-                decode(y)
-                mx.eval([c.state for c in cache])
-            raise
-        if not fed:
-            next_y, next_logprobs = decode(y)
-            mx.async_eval(next_y, next_logprobs)
-        n += 1
+    marks = progress_marks(cache)
+    try:  # the first token, handed out before the step that feeds it
+        yield y.item(), logprobs
+    except GeneratorExit:
+        # Closed now, or collected later: feed it unless the cache has moved on since.
+        if not moved_since(cache, marks):
+            decode(y)
+            mx.eval([c.state for c in cache])
+        raise
+    del marks
+    following = dispatch(y)
+    for n in itertools.count(1):
         if n == max_tokens:
             return
         if n % 256 == 0:
             mx.clear_cache()
-        y, logprobs, fed = next_y, next_logprobs, False
+        y, logprobs = following
+        following = dispatch(y)  # mlx-lm's order: on its way before y is read
+        yield y.item(), logprobs
