@@ -18,7 +18,7 @@ from .errors import GenesisError  # noqa: E402
 _LAZY = {
     "Model": ".model.genesis", "ModelArgs": ".model.genesis", "load": ".loading",
     "SamplingOptions": ".generation.generate", "generate": ".generation.generate",
-    "stream_generate": ".generation.generate",
+    "stream_generate": ".generation.generate", "generate_step": ".generation.steps",
 }
 
 
@@ -32,5 +32,5 @@ def __dir__():
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["MODEL_FORMAT", "GenesisError", "Model", "ModelArgs", "SamplingOptions", "generate", "load",
-           "stream_generate"]
+__all__ = ["MODEL_FORMAT", "GenesisError", "Model", "ModelArgs", "SamplingOptions", "generate",
+           "generate_step", "load", "stream_generate"]

@@ -491,4 +491,7 @@ def test_the_cli_starts_without_importing_mlx_lm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     import genesis_mlx as g
+    from genesis_mlx.generation.steps import generate_step
+
     assert g.load is load and "stream_generate" in dir(g)
+    assert g.generate_step is generate_step and "generate_step" in dir(g)
