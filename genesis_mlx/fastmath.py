@@ -8,9 +8,11 @@ millions of exponentials. So:
 
 * exp and softmax are powers of two. Their inputs are often masked (-inf) or far
   below zero (attention scores, decays), where ``mx.power`` is fast or flushed here.
-* sigmoid and SiLU, whose inputs are activations, are one fused op on large arrays:
-  2 ** x range-reduced (x = n + r, |r| <= 1/2), 2 ** r a polynomial, all of it
-  compiled with the arithmetic around it into one pass (``mx.compile``).
+* sigmoid and SiLU, whose inputs are activations, are fused on large arrays:
+  2 ** x range-reduced (x = n + r, |r| <= 1/2), 2 ** r a polynomial, 2 ** n from
+  the bits of a float32, all of it compiled with the arithmetic around it
+  (``mx.compile``). MLX fuses a chain of at most 11 ops into one kernel and cannot
+  fuse through the bit view, so every op kept off the chain saves a pass.
 BENCHMARKS.md has the timings.
 """
 
@@ -91,23 +93,24 @@ def power_of_two(n: mx.array) -> mx.array:
     return mx.view((n + 127) << 23, mx.float32)
 
 
-def exp2_float32(x: mx.array) -> mx.array:
-    # Beyond this range the result is 0 or inf either way; 2 ** n is applied in two
-    # halves so that every n in it, subnormal results included, stays exact.
-    x = mx.clip(x, -252.0, 256.0)
+def exp2_for_sigmoid(x: mx.array) -> mx.array:
+    """2 ** x as sigmoid reads it (in 1 + 2 ** x): to the polynomial's accuracy where
+    the result is a normal number; 2 ** -126 below that (where 1 + 2 ** x is 1
+    either way) and inf from n = 128 on (where sigmoid is 0 or below float32's
+    normal numbers). One power of two, not the product of two that exact subnormal
+    results would need: mx.compile then fuses the whole sigmoid into fewer kernels."""
+    x = mx.clip(x, float(SMALLEST_NORMAL_EXPONENT), 128.0)
     n = mx.round(x)
     r = x - n
     p = EXP2_COEFFICIENTS[-1]
     for c in reversed(EXP2_COEFFICIENTS[:-1]):
         p = p * r + c
-    n = n.astype(mx.int32)
-    half = n >> 1
-    # Constants for gradients (n is piecewise constant; a bit view has no vjp).
-    return p * mx.stop_gradient(power_of_two(half)) * mx.stop_gradient(power_of_two(n - half))
+    # A constant for gradients (n is piecewise constant; a bit view has no vjp).
+    return p * mx.stop_gradient(power_of_two(n.astype(mx.int32)))
 
 
 def sigmoid_float32(x: mx.array) -> mx.array:
-    return 1.0 / (1.0 + exp2_float32(x * -LOG2_E))
+    return 1.0 / (1.0 + exp2_for_sigmoid(x * -LOG2_E))
 
 
 def sigmoid_cast(x: mx.array) -> mx.array:
