@@ -85,7 +85,9 @@ def silu(x: mx.array) -> mx.array:
 
 def silu_gate(gate: mx.array, x: mx.array) -> mx.array:
     """x * silu(gate): SwiGLU's product and the gated norms' output."""
-    return COMPILED.silu_gate(gate, x) if fused(gate) else silu(gate) * x
+    if fused(gate) and gate.shape == x.shape:  # the fused gradient assumes one shape
+        return COMPILED.silu_gate(gate, x)
+    return silu(gate) * x
 
 
 def power_of_two(n: mx.array) -> mx.array:
@@ -98,7 +100,7 @@ def exp2_for_sigmoid(x: mx.array) -> mx.array:
     the result is a normal number; 2 ** -126 below that (where 1 + 2 ** x is 1
     either way) and inf from n = 128 on (where sigmoid is 0 or below float32's
     normal numbers). One power of two, not the product of two that exact subnormal
-    results would need: mx.compile then fuses the whole sigmoid into fewer kernels."""
+    results would need: each op more on the fused chain can cost a pass."""
     x = mx.clip(x, float(SMALLEST_NORMAL_EXPONENT), 128.0)
     n = mx.round(x)
     r = x - n
@@ -127,6 +129,47 @@ def silu_gate_cast(gate: mx.array, x: mx.array) -> mx.array:
     return (g * sigmoid_float32(g)).astype(gate.dtype) * x
 
 
+# The fused forms' gradients come from sigmoid's derivative s (1 - s), not from
+# their ops: differentiating 1 / (1 + 2 ** y) where 2 ** y overflows (x below about
+# -88) meets 0 * inf, which is nan, where mx.sigmoid's gradient is 0.
+
+def sigmoid_and_derivative(x32: mx.array):
+    s = sigmoid_float32(x32)
+    return s, s * (1.0 - s)
+
+
+sigmoid_fused = mx.custom_function(sigmoid_cast)
+
+
+@sigmoid_fused.vjp
+def sigmoid_fused_vjp(x, cotangent, output):
+    _, derivative = sigmoid_and_derivative(x.astype(mx.float32))
+    return (cotangent * derivative).astype(x.dtype)
+
+
+silu_fused = mx.custom_function(silu_cast)
+
+
+@silu_fused.vjp
+def silu_fused_vjp(x, cotangent, output):
+    x32 = x.astype(mx.float32)
+    s, derivative = sigmoid_and_derivative(x32)
+    return (cotangent * (s + x32 * derivative)).astype(x.dtype)
+
+
+silu_gate_fused = mx.custom_function(silu_gate_cast)
+
+
+@silu_gate_fused.vjp
+def silu_gate_fused_vjp(primals, cotangent, output):
+    gate, x = primals
+    g = gate.astype(mx.float32)
+    s, derivative = sigmoid_and_derivative(g)
+    d_gate = cotangent * x * (s + g * derivative)
+    d_x = cotangent * (g * s).astype(gate.dtype)
+    return d_gate.astype(gate.dtype), d_x.astype(x.dtype)
+
+
 class Compiled(threading.local):
     """The fused forms, compiled once per thread. MLX caches a compiled function's
     traces per thread, holding the Python function, and a thread that ends with
@@ -135,9 +178,9 @@ class Compiled(threading.local):
     take their traces with them."""
 
     def __init__(self):
-        self.sigmoid = mx.compile(sigmoid_cast)
-        self.silu = mx.compile(silu_cast)
-        self.silu_gate = mx.compile(silu_gate_cast)
+        self.sigmoid = mx.compile(sigmoid_fused)
+        self.silu = mx.compile(silu_fused)
+        self.silu_gate = mx.compile(silu_gate_fused)
 
 
 COMPILED = Compiled()

@@ -308,6 +308,30 @@ def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
     assert not mx.array_equal(fastmath.silu(gate), plain)  # bits apart somewhere
 
 
+def test_fused_sigmoid_and_silu_gradients_hold_where_the_exponential_overflows():
+    """Below x of about -88, 2 ** (-x log2 e) overflows to inf, and differentiating
+    1 / (1 + inf) through its ops gives 0 * inf = nan; the fused forms' gradients
+    are sigmoid's own, as mx.sigmoid's (LoRA training goes through them)."""
+    from genesis_mlx import fastmath
+
+    edges = [-88.5, -100.0, -200.0, -87.0, 0.0, 3.0, 50.0]
+    x = mx.array(np.concatenate([edges, np.linspace(-10.0, 10.0, fastmath.FUSED_MIN_SIZE)])
+                 .astype(np.float32))
+    up = mx.random.normal(x.shape)
+    pairs = [(fastmath.sigmoid, mx.sigmoid),
+             (fastmath.silu, lambda v: v * mx.sigmoid(v)),
+             (lambda v: fastmath.silu_gate(v, up), lambda v: v * mx.sigmoid(v) * up)]
+    for ours, theirs in pairs:
+        got = np.array(mx.grad(lambda v: ours(v).sum())(x))
+        want = np.array(mx.grad(lambda v: theirs(v).sum())(x))
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    d_up = mx.grad(lambda u: fastmath.silu_gate(x, u).sum())(up)
+    np.testing.assert_allclose(np.array(d_up), np.array(x * mx.sigmoid(x)), rtol=1e-5, atol=1e-6)
+    at_minus_inf = mx.full(x.shape, -np.inf)
+    assert (np.array(mx.grad(lambda v: fastmath.sigmoid(v).sum())(at_minus_inf)) == 0).all()
+
+
 def test_softmax_flushes_weights_below_the_smallest_normal():
     """FoX scores biased by a long context's forget gates spread over ~1000: the
     weights float32 can hold match float64 softmax, the rest are exactly 0."""
