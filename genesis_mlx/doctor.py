@@ -220,24 +220,19 @@ def kernel_cases(emulated: bool, quick: bool):
     gla_dims, fox_dims = real_dims()
     # The emulation runs one GPU thread after another: long prefills are cut there.
     prefill = 256 if quick and emulated else max(kernels.FOX_KERNEL_MIN_QUERIES, PREFILL_STEP)
-    cache = 512 if quick and emulated else 2048
 
     def gla_ops(q, k, v, log_g, scale, state):
-        return kernels.gla_decode(q, k, v, log_g, scale, 64, state)
+        return kernels.gla(q, k, v, log_g, scale, 64, state, cached=True)
 
-    def fox_ops(cached):
-        return lambda *a: kernels.fox_attend(*a, cached=cached)
+    def fox_ops(*inputs):
+        return kernels.fox_attend(*inputs)
 
     T = kernels.RECURRENT_MAX_T
     return [
         Case(gla_kernel.GUARD, "decode: 1 token", gla_inputs(1, gla_dims), gla_ops),
         Case(gla_kernel.GUARD, f"prompt piece: {T} tokens", gla_inputs(T, gla_dims), gla_ops),
-        Case(fox_kernel.GUARD, f"decode: 1 query, {cache} keys",
-             fox_inputs(1, cache, fox_dims), fox_ops(True)),
         Case(fox_kernel.GUARD, f"prefill: {prefill} queries",
-             fox_inputs(prefill, prefill, fox_dims), fox_ops(False), memory=True),
-        Case(fox_kernel.TILED_GUARD, f"prefill: {prefill} queries",
-             fox_inputs(prefill, prefill, fox_dims), fox_ops(False), memory=True),
+             fox_inputs(prefill, prefill, fox_dims), fox_ops, memory=True),
     ]
 
 
@@ -382,85 +377,29 @@ def model_logits(args, weights, ids, n_prompt: int):
 # --- the paths the model takes ---
 
 def paths_report() -> dict:
-    """The dispatch's own rules (kernels.gla_decode_form, kernels.fox_form) for a
-    decoding token and for a long prompt's pieces, with why."""
+    """The dispatch's own answers (forms.arrangement, kernels.gla_form and
+    kernels.fox_form, at the published model's shapes) for a decoding token and for
+    a long prompt's pieces."""
+    import mlx.core as mx
+
+    from . import forms, kernels
     from .generation.steps import PREFILL_STEP
 
-    report = {"decode": {"gla": gla_path(1), "fox": fox_path(1)},
-              f"prefill pieces of {PREFILL_STEP} tokens": {"gla": gla_path(PREFILL_STEP),
-                                                          "fox": fox_path(PREFILL_STEP)}}
+    gla_dims, fox_dims = real_dims()
+    report = {"forms": {"arrangement": forms.arrangement(), "why": forms.why_arrangement()}}
     print("paths the model takes here:")
-    for when, layers in report.items():
+    print(f"  forms: {report['forms']['why']}")
+    for when, n in (("decode", 1), (f"prefill pieces of {PREFILL_STEP} tokens", PREFILL_STEP)):
+        cached = n == 1
+        layers = {"gla": kernels.gla_form(n, cached, dtype=mx.float32, dims=gla_dims),
+                  "fox": kernels.fox_form(n, cached, dtype=mx.float32, dims=fox_dims)}
         for layer, (path, why) in layers.items():
             print(f"  {when}, {LAYER_NAMES[layer]}: {path} ({why})")
-    return {when: {layer: {"path": p, "why": w} for layer, (p, w) in layers.items()}
-            for when, layers in report.items()}
+        report[when] = {layer: {"path": p, "why": w} for layer, (p, w) in layers.items()}
+    return report
 
 
 LAYER_NAMES = {"gla": "GLA", "fox": "FoX"}
-
-
-def no_kernels_reason(backend: Optional[str]) -> Optional[str]:
-    from .kernels.backend import device_gpu, selected_kernels
-
-    if backend is not None:
-        return None
-    if selected_kernels() == "off":
-        return "kernels switched off: GENESIS_MLX_KERNELS=off"
-    return "no GPU on this device, so no kernels" if device_gpu() is None else None
-
-
-def guard_refusal(guard, backend: str) -> Optional[str]:
-    state = guard.state(backend)
-    return state if state.startswith("disabled") else None
-
-
-def gla_path(T: int):
-    import mlx.core as mx
-
-    from . import kernels
-    from .kernels.gla import recurrent as gla_kernel
-
-    backend = kernels.gpu_backend()
-    form = kernels.gla_decode_form(T, backend)
-    limit = f"RECURRENT_MAX_T = {kernels.RECURRENT_MAX_T}"
-    if form == "kernel":
-        refused = guard_refusal(gla_kernel.GUARD, backend)
-        if not refused:
-            return (f"the recurrent kernel ({backend})",
-                    f"{T} new token(s) <= {limit}; {gla_kernel.GUARD.state(backend)}")
-        form, why = kernels.gla_decode_form(T, None), f"the kernel is {refused}"
-    else:
-        why = no_kernels_reason(backend) or f"{T} new tokens > {limit}"
-    if form == "step":
-        compiled = ", compiled with the layer" if backend is None else ""
-        return f"ops: gla_step{compiled}", why
-    loop = "chunk after chunk" if mx.default_device() == mx.cpu else "loop-free"
-    return f"ops: chunked GLA, {loop}", why
-
-
-def fox_path(n_queries: int):
-    from . import kernels
-    from .kernels.fox import kernel as fox_kernel
-
-    backend = kernels.gpu_backend()
-    form = kernels.fox_form(n_queries, backend, cached=True)
-    limit = f"FOX_KERNEL_MIN_QUERIES = {kernels.FOX_KERNEL_MIN_QUERIES}"
-    if form == "kernel":
-        refused = guard_refusal(fox_kernel.GUARD, backend)
-        if not refused:
-            rule = ("emulated: every call" if backend == "emulate"
-                    else f"{n_queries} queries >= {limit}")
-            return (f"the FoX attention kernel ({backend})",
-                    f"{rule}; {fox_kernel.GUARD.state(backend)}")
-        form, why = kernels.fox_form(n_queries, None, cached=True), f"the kernel is {refused}"
-    else:
-        why = no_kernels_reason(backend) or f"{n_queries} queries < {limit}"
-    names = {"grouped": "ops: grouped attention over the cache",
-             "cpu streams": "ops: query row blocks spread over the CPU streams",
-             "blocks": "ops: attention in query row blocks"}
-    compiled = ", one compiled graph a token" if n_queries == 1 and backend is None else ""
-    return names[form] + compiled, why
 
 
 def failures(report: dict) -> list:

@@ -16,7 +16,9 @@ from .conversion.checkpoint import (
     DEFAULT_REPO, check_revision, download_repo, find_checkpoint_file, is_hub_id,
     safetensors_damage,
 )
-from .conversion.convert import build_model_tokenizer, convert, read_config, stop_token_ids
+from .conversion.convert import (
+    DTYPES, build_model_tokenizer, convert, device_dtype, read_config, stop_token_ids,
+)
 from .conversion.mlx_lm_files import FORMAT_VERSION
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
@@ -30,13 +32,17 @@ def is_converted(directory: Path) -> bool:
     return config.is_file() and read_config(directory).get("model_type") == "genesis"
 
 
-def converted_cache_dir(checkpoint: Path, revision: Optional[str] = None) -> Path:
-    """Keyed by the file (and the Hub revision it was downloaded at): two revisions
-    never share a conversion, even where the Hub stores their files as one blob."""
+def converted_cache_dir(checkpoint: Path, revision: Optional[str] = None,
+                        dtype: str = "float32") -> Path:
+    """Keyed by the file (and the Hub revision it was downloaded at: two revisions
+    never share a conversion, even where the Hub stores their files as one blob) and
+    by the dtype converted to."""
     stat = checkpoint.stat()
     key = f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
     if revision is not None:
         key += f":revision={revision}"
+    if dtype != "float32":  # float32 conversions keep the keys they had
+        key += f":dtype={dtype}"
     return CACHE_ROOT / "converted" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -51,11 +57,12 @@ def is_current(directory: Path) -> bool:
             and directory_format(directory) >= FORMAT_VERSION)
 
 
-def convert_once(checkpoint: Path, tokenizer: Optional[str],
-                 revision: Optional[str] = None) -> Path:
-    target = converted_cache_dir(checkpoint, revision)
+def convert_once(checkpoint: Path, tokenizer: Optional[str], revision: Optional[str] = None,
+                 dtype: Optional[str] = None) -> Path:
+    dtype = dtype or device_dtype()
+    target = converted_cache_dir(checkpoint, revision, dtype)
     if not is_current(target):
-        convert(str(checkpoint), str(target), tokenizer=tokenizer, force=True)
+        convert(str(checkpoint), str(target), dtype, tokenizer=tokenizer, force=True)
     return target
 
 
@@ -65,19 +72,23 @@ def tokenizer_source(tokenizer: Optional[str]) -> Optional[str]:
 
 
 def resolve_model_dir(src: str, tokenizer: Optional[str] = None,
-                      revision: Optional[str] = None) -> Path:
+                      revision: Optional[str] = None, dtype: Optional[str] = None) -> Path:
     """Any model source -> a converted MLX model directory. ``revision`` pins a Hub
-    repo's download (a commit, branch or tag)."""
+    repo's download (a commit, branch or tag); ``dtype`` is what a first-use
+    conversion converts to (default: ``device_dtype()``; a converted directory keeps
+    its own)."""
     tokenizer = tokenizer_source(tokenizer)
     check_revision(src, revision)
+    if dtype is not None and dtype not in DTYPES:
+        raise GenesisError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     path = Path(src).expanduser()
     if path.is_dir():
         check_complete(path)
         if is_converted(path):
             return path
-        return convert_once(find_checkpoint_file(path), tokenizer)
+        return convert_once(find_checkpoint_file(path), tokenizer, dtype=dtype)
     if path.is_file():
-        return convert_once(path, tokenizer)
+        return convert_once(path, tokenizer, dtype=dtype)
     if not is_hub_id(src):
         raise GenesisError(
             f"no such model: {src}; pass a converted model directory, a reference "
@@ -86,7 +97,7 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None,
     repo_dir = download_repo(src, revision=revision)
     if is_converted(repo_dir):
         return repo_dir
-    return convert_once(find_checkpoint_file(repo_dir), tokenizer, revision)
+    return convert_once(find_checkpoint_file(repo_dir), tokenizer, revision, dtype)
 
 
 def get_classes(config: dict):
@@ -160,11 +171,13 @@ def load(
     tokenizer: Optional[str] = None,
     lazy: bool = False,
     revision: Optional[str] = None,
+    dtype: Optional[str] = None,
 ) -> Tuple[Model, TokenizerWrapper]:
     """Loads a Genesis model and its tokenizer. ``model_config`` overrides runtime
     options of ModelArgs (e.g. ``{"ttt_enabled": False}``); ``revision`` pins a Hub
-    repo's download."""
-    model_dir = resolve_model_dir(src, tokenizer, revision)
+    repo's download; ``dtype``: what a Hub repo or a raw checkpoint is converted to
+    on first use (default: bfloat16 on a GPU, float32 on the CPU)."""
+    model_dir = resolve_model_dir(src, tokenizer, revision, dtype)
     check_weight_files(model_dir)
     if directory_format(model_dir) < 2:
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "

@@ -82,6 +82,19 @@ def reference_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(params=["cpu", "gpu"])
+def forms_arrangement(request, monkeypatch):
+    """The test runs under each arrangement of the model's math: the CPU's own forms
+    (genesis_mlx.cpu) and MLX's own ops, as the model takes them on a GPU
+    (GENESIS_MLX_FORMS=gpu)."""
+    import mlx.core as mx
+
+    if request.param == "cpu" and mx.default_device() != mx.cpu:
+        pytest.skip("the CPU forms exist on the CPU only")
+    monkeypatch.setenv("GENESIS_MLX_FORMS", request.param)
+    return request.param
+
+
 @pytest.fixture
 def kernels_choice():
     """select_kernels for one test, the previous choice restored after it."""
@@ -98,8 +111,7 @@ def kernels_choice():
 FAULT_LINE = "float sc = scale[0];"
 FAULTS = {"syntax": "float sc = scale[0]", "wrong": "float sc = 2.0f * scale[0];"}
 # name -> (module holding the Kernel, its attribute)
-FAULTY_KERNELS = {"gla": ("gla.recurrent", "KERNEL"), "fox": ("fox.kernel", "KERNEL"),
-                  "tiled": ("fox.kernel", "TILED_KERNEL")}
+FAULTY_KERNELS = {"gla": ("gla.recurrent", "KERNEL"), "fox": ("fox.kernel", "KERNEL")}
 
 
 @pytest.fixture

@@ -11,6 +11,9 @@ from mlx_lm.generate import BatchGenerator, generate_step
 
 from conftest import CONFIGS, mlx_model, tokens
 
+# Each test runs under both arrangements of the model's math (conftest).
+pytestmark = pytest.mark.usefixtures("forms_arrangement")
+
 
 def greedy(logprobs):
     return mx.argmax(logprobs, axis=-1)

@@ -87,7 +87,7 @@ def preloaded_as_the_cli_does(monkeypatch):
     """This process's environment as `genesis-mlx` leaves it after re-executing
     itself: our OpenBLAS and GEMV forwarding preloaded, its flag set. Returns the
     real names of the preloaded libraries (as /proc/self/maps shows them)."""
-    from genesis_mlx.blas import CHILD_FLAG, preload_libraries
+    from genesis_mlx.cpu.blas import CHILD_FLAG, preload_libraries
 
     libraries = preload_libraries()
     if not libraries:
@@ -122,7 +122,7 @@ def test_mlx_workers_share_one_blas_whoever_started_the_bench(monkeypatch):
     same whether the bench runs under it or from plain Python; the user's own
     preloads stay behind ours."""
     from genesis_mlx.benchmark.environments import worker_environment
-    from genesis_mlx.blas import command_preload
+    from genesis_mlx.cpu.blas import command_preload
 
     plain = {"PATH": os.environ["PATH"], "LD_PRELOAD": "/opt/mine.so"}
     under_cli = dict(plain, LD_PRELOAD=":".join([*command_preload(), "/opt/mine.so"]),

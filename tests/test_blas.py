@@ -9,14 +9,14 @@ import sys
 import numpy as np
 import pytest
 
-from genesis_mlx.blas import build_gemv_forward, find_openblas
+from genesis_mlx.cpu.blas import build_gemv_forward, find_openblas
 
 # Every operand layout of a row-major sgemm with M = 1 (which the forwarding turns
 # into GEMV), and M = 2 / N = 1 (which it passes on), through the process's global
 # cblas_sgemm: the forwarding's when it is preloaded.
 SGEMM_CASES = """
 import ctypes, numpy as np
-from genesis_mlx.blas import gemv_forwarding
+from genesis_mlx.cpu.blas import gemv_forwarding
 assert gemv_forwarding()
 sgemm = ctypes.CDLL(None).cblas_sgemm
 f, i, P = ctypes.c_float, ctypes.c_int, ctypes.c_void_p
@@ -52,7 +52,7 @@ LOGITS = """
 import sys, numpy as np, mlx.core as mx
 sys.path.insert(0, {tests!r})
 from conftest import mlx_model
-from genesis_mlx.blas import loaded_blas, gemv_forwarding
+from genesis_mlx.cpu.blas import loaded_blas, gemv_forwarding
 model = mlx_model({path!r})
 ids = np.random.RandomState(0).randint(0, 512, (1, 80))
 # The whole prompt (matrix products) and one decoding step (vector products).

@@ -28,6 +28,7 @@ def cache_arrays(cache):
             if isinstance(a, mx.array) and a.size]
 
 
+@pytest.mark.usefixtures("forms_arrangement")
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("ttt", [True, False])
 def test_prefill_in_one_piece_chunks_or_tokens(reference_checkpoint, name, ttt):
@@ -50,6 +51,7 @@ def test_prefill_in_one_piece_chunks_or_tokens(reference_checkpoint, name, ttt):
             assert np.abs(a - b).max() <= 1e-4 * scale
 
 
+@pytest.mark.usefixtures("forms_arrangement")
 @pytest.mark.parametrize("name", ["gqa", "gqa3"])
 def test_ttt_decoding_equals_full_forward_at_every_step(reference_checkpoint, name):
     ref, path = reference_checkpoint(**CONFIGS[name])
@@ -64,6 +66,7 @@ def test_ttt_decoding_equals_full_forward_at_every_step(reference_checkpoint, na
         assert np.abs(stepped[:, t] - want).max() <= logits_tolerance(want), t
 
 
+@pytest.mark.usefixtures("forms_arrangement")
 @pytest.mark.parametrize("name", CONFIGS)
 def test_greedy_tokens_equal_reference_generate(reference_checkpoint, name):
     """With TTT off, greedy decoding matches the reference's cached generate()."""
@@ -82,6 +85,7 @@ def test_greedy_tokens_equal_reference_generate(reference_checkpoint, name):
     assert got == want
 
 
+@pytest.mark.usefixtures("forms_arrangement")
 @pytest.mark.parametrize("ttt", [True, False])
 def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
@@ -108,12 +112,13 @@ def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
-    """The CPU's one-token GLA step (grouped heads, RoPE as products) against the
-    layer's general path, from a state 300 tokens in: output and every cache entry."""
+def test_cpu_gla_token_layout_equals_the_layer(reference_checkpoint, name):
+    """The CPU's one-token GLA attention (grouped heads, RoPE as products) against
+    the layer's own __call__, from a state 300 tokens in: output and every cache
+    entry."""
     import copy
 
-    from genesis_mlx.model.decode import BlockDecoder, gla_token
+    from genesis_mlx.cpu.decode import gla_attention_token
 
     _, path = reference_checkpoint(**CONFIGS[name])
     model = mlx_model(path)
@@ -123,8 +128,7 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
     x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
     general, lean = cache[0], copy.deepcopy(cache[0])
     want = np.array(block.attn(x, general))
-    views = BlockDecoder(block).make_views()["attn"]
-    got = np.array(block.attn.o_proj(gla_token(block.attn, x[:, 0], lean, views)))[:, None]
+    got = np.array(gla_attention_token(block.attn, x, lean))
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
     for field in general.ROWS:
         a, b = getattr(general, field), getattr(lean, field)
@@ -136,13 +140,16 @@ def test_gla_one_token_step_equals_the_layer(reference_checkpoint, name):
 
 
 def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, monkeypatch):
-    """kernels.fox_decode_step (the token written into the cache's buffers, attention
-    over all their rows with those past it masked, compiled once per buffer size)
-    against the eager attend() it replaces: a left-padded batch decoding across the
-    cache's growth steps, logits and every cache array."""
-    from genesis_mlx.model import decode
+    """The CPU forms' decode step (the token written into the cache's buffers,
+    attention over all their rows with those past it masked, compiled once per
+    buffer size) against the eager form it stands for (the token stored, the grouped
+    form over the rows written): a left-padded batch decoding across the cache's
+    growth steps, logits and every cache array."""
+    from genesis_mlx import kernels
+    from genesis_mlx.cpu import fox
     from genesis_mlx.model.cache import FOX_CACHE_STEP
 
+    monkeypatch.setenv("GENESIS_MLX_FORMS", "cpu")
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
     model = mlx_model(path)
     for block in model.blocks:  # forget gates ~1: masked keys would weigh as much as any
@@ -154,16 +161,19 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
     mask[1, :15] = False
     steps = tokens(FOX_CACHE_STEP + 40, B=2, seed=4)
     used = []
-    compiled_step = decode.fox_attend_token
+    compiled_step = fox.attend_token
 
     def decode_all(use_compiled):
-        def attend_token(attn, q, k, v, log_f, cache, step):
+        def attend_token(q, k, v, log_f, cache, scale):
             used.append(use_compiled)
             if use_compiled:
-                return compiled_step(attn, q, k, v, log_f, cache, step)
-            return attn.attend(q, k, v, log_f, cache)
+                return compiled_step(q, k, v, log_f, cache, scale)
+            cumsum = log_f + cache.last_cumsum()
+            k_all, v_all, cumsum_all = cache.store(k, v, cumsum)
+            return kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, scale,
+                                      cache.left_padding, cached=True)
 
-        monkeypatch.setattr(decode, "fox_attend_token", attend_token)
+        monkeypatch.setattr(fox, "attend_token", attend_token)
         cache = model.make_cache()
         model(mx.array(ids), cache=cache, pad_mask=mx.array(mask))
         logits = [np.array(model(mx.array(steps[:, j : j + 1]), cache=cache))
@@ -181,12 +191,11 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
     assert len(got_arrays) == len(want_arrays) > 0
     for a, b in zip(got_arrays, want_arrays):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
-
-
+@pytest.mark.usefixtures("forms_arrangement")
 def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
-    """The compiled steps read views of the weights (W^T, stacked conv weights, norm
-    gains) and W0's diagonality, found when decoding first ran: after model.update,
-    a decoding step must use the new weights, as the full forward does."""
+    """The compiled steps read the weights at every call, and W0's diagonality once
+    per W0: after model.update, a decoding step must use the new weights, as the full
+    forward does."""
     from mlx.utils import tree_map
 
     _, path = reference_checkpoint(**CONFIGS["gqa"])
@@ -215,8 +224,7 @@ def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
     want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
     assert np.abs(got - want).max() <= logits_tolerance(want)
-
-
+@pytest.mark.usefixtures("forms_arrangement")
 def test_decoding_sees_runtime_options_changed_after_it_started(reference_checkpoint):
     """The compiled TTT step reads the TTT strength: changed while decoding, the next
     step uses the new value, as the full forward does."""
@@ -249,10 +257,11 @@ def test_compiled_steps_go_with_the_model(reference_checkpoint):
     cache = model.make_cache()
     model(mx.array(tokens(10)), cache=cache)
     mx.eval(model(mx.array(tokens(1)), cache=cache))  # every step compiled and traced
-    decoders = list(model.token_decoder.blocks.values())
-    assert decoders and all(d.step is not None for d in decoders)
-    alive = [weakref.ref(d) for d in decoders] + [weakref.ref(model.token_decoder)]
-    del decoders, model, cache
+    steps = model.token_steps()
+    compiled = [step for _, step in steps.blocks.values()] + [held[-1] for held in steps.ttt.values()]
+    assert len(compiled) == len(model.blocks) + 1
+    alive = [weakref.ref(step) for step in compiled] + [weakref.ref(steps)]
+    del compiled, steps, model, cache
     gc.disable()
     try:
         assert all(ref() is None for ref in alive)
@@ -300,8 +309,7 @@ def fox_kv_bytes(cache):
 
     return sum(a.nbytes for c in cache if isinstance(c, FoxCache)
                for _, a in tree_flatten(c.state[2:4]))
-
-
+@pytest.mark.usefixtures("forms_arrangement")
 def test_quantized_fox_cache_decodes_close_to_exact(reference_checkpoint, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 

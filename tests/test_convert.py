@@ -486,7 +486,7 @@ def test_a_directory_without_tokenizer_needs_one_and_is_left_as_it_is(
 def test_the_cli_starts_without_importing_mlx_lm():
     """The CLI re-executes itself to preload a BLAS: that first process must not pay
     for mlx-lm and transformers (~2.5 s here)."""
-    code = ("import sys, genesis_mlx.cli.main, genesis_mlx.blas; "
+    code = ("import sys, genesis_mlx.cli.main, genesis_mlx.cpu.blas; "
             "print(sorted(m for m in ('mlx_lm', 'transformers', 'mlx.core') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

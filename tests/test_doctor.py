@@ -43,15 +43,22 @@ def test_doctor_checks_every_kernel_and_writes_its_report(tmp_path):
     parity = report["model_parity"]
     assert parity["ok"] and parity["max_logit_diff"] <= parity["allowed"]
     assert parity["kernel_states"]["GLA recurrent"] == "checked"
-    assert parity["kernel_states"]["FoX attention"] == "checked"
+    assert parity["kernel_states"]["FoX tiled attention"] == "checked"
 
+    paths = report["paths"]
+    assert paths["forms"]["arrangement"] == ("cpu" if device_gpu() is None else "gpu")
+    assert paths["forms"]["why"] in result.stdout
     for when in ("decode", "prefill pieces of 1024 tokens"):
         for layer in ("gla", "fox"):
             path_taken = report["paths"][when][layer]
             assert path_taken["path"] and path_taken["why"], (when, layer)
+            assert f"{path_taken['path']} ({path_taken['why']})" in result.stdout
             if device_gpu() is None:
-                assert path_taken["path"].startswith("ops")
-                assert "no GPU" in path_taken["why"]
+                assert "kernel" not in path_taken["path"]
+    if device_gpu() is None:
+        assert paths["decode"]["gla"] == {
+            "path": "step", "why": "one token against a cache; no GPU here, so no kernels"}
+        assert paths["decode"]["fox"]["path"] == "decode step"
 
 
 def test_doctor_reports_a_kernel_that_does_not_compile(tmp_path, inject_fault, capsys):

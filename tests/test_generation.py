@@ -105,14 +105,14 @@ def test_token_loop_gives_mlx_lms_tokens_and_state(reference_checkpoint, length,
 def test_first_token_comes_from_the_prompts_read(reference_checkpoint, monkeypatch):
     """The first token is sampled from the prompt's own read, its last position alone
     through the output layer: no one-token decoding step runs before it."""
-    from genesis_mlx.model.decode import TokenDecoder
+    from genesis_mlx.model.decoding import TokenSteps
 
     _, path = reference_checkpoint(**CONFIGS["gqa"])
     model = mlx_model(path)
     calls, head_inputs = [], []
-    decode_token = TokenDecoder.__call__
-    monkeypatch.setattr(TokenDecoder, "__call__",
-                        lambda self, x, cache: calls.append(1) or decode_token(self, x, cache))
+    decode_token = TokenSteps.__call__
+    monkeypatch.setattr(TokenSteps, "__call__", lambda self, model, x, cache:
+                        calls.append(1) or decode_token(self, model, x, cache))
     logits = model.logits
     monkeypatch.setattr(model, "logits", lambda x: head_inputs.append(x.shape) or logits(x))
     steps = generate_step(mx.array(tokens(40)[0]), model, max_tokens=4)

@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from genesis_mlx.kernels import fox_attend, gla_decode, gpu_backend, guard
+from genesis_mlx.kernels import fox_attend, gla, gpu_backend, guard
 from genesis_mlx.kernels.emulation import KernelCompileError
 from genesis_mlx.kernels.fox import fox_attention
 from genesis_mlx.kernels.fox import kernel as fox_kernel
@@ -19,7 +19,7 @@ from conftest import FAULTS
 pytestmark = pytest.mark.usefixtures("fresh_guards")
 
 # name -> (the guard, as conftest's FAULTY_KERNELS names the kernels)
-GUARDS = {"gla": gla_kernel.GUARD, "fox": fox_kernel.GUARD, "tiled": fox_kernel.TILED_GUARD}
+GUARDS = {"gla": gla_kernel.GUARD, "fox": fox_kernel.GUARD}
 
 GPU = [b for b in [gpu_backend()] if b in ("metal", "cuda")]
 BACKENDS = ["emulate"] + GPU
@@ -88,7 +88,7 @@ def test_guard_disables_a_faulty_kernel_with_one_warning(inject_fault, capsys, n
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_dispatch_takes_the_ops_path_for_a_faulty_kernel(inject_fault, capsys, kernels_choice,
                                                          fault):
-    """gla_decode and fox_attend, every call after the first check included."""
+    """gla and fox_attend, every call after the first check included."""
     kernels_choice("emulate")
     inject_fault("gla", fault)
     inject_fault("fox", fault)
@@ -97,7 +97,7 @@ def test_dispatch_takes_the_ops_path_for_a_faulty_kernel(inject_fault, capsys, k
     fq, fk, fv, cq, ck, fscale, key_start = fox_case()
     fox_want = fox_attention(fq, fk, fv, cq, ck, fscale, key_start)
     for _ in range(3):
-        out, state = gla_decode(q, k, v, g, scale, 64, s)
+        out, state = gla(q, k, v, g, scale, 64, s, cached=True)
         assert rel(want, out) <= 1e-5 and rel(want_state, state) <= 1e-5
         assert rel(fox_want, fox_attend(fq, fk, fv, cq, ck, fscale, key_start)) <= 1e-5
     assert len(warning_lines(capsys)) == 2  # one per kernel
@@ -110,7 +110,7 @@ def test_probe_runs_once_per_backend_and_dtype(kernels_choice, monkeypatch):
     monkeypatch.setattr(gla_kernel.GUARD, "compare", lambda *a: calls.append(a) or compare(*a))
     for dtype in (mx.float32,) * 4 + (mx.bfloat16,) * 3 + (mx.float32,):
         q, k, v, g, scale, s = gla_case(dtype)
-        gla_decode(q, k, v, g, scale, 64, s)
+        gla(q, k, v, g, scale, 64, s, cached=True)
     assert len(calls) == 2
 
 

@@ -1,19 +1,17 @@
-"""Kernels against the ops path they must reproduce. The GLA recurrent kernel's body
-runs here on the CPU (compiled as C++, one call per GPU thread); on a GPU machine
-the same tests run the Metal or CUDA kernel."""
+"""Every form of the sequence mixers against the plain reference it must reproduce:
+the GPU kernels (their bodies run here on the CPU, compiled as C++, one call per GPU
+thread; on a GPU machine the same tests run the Metal or CUDA kernel), MLX's fused
+attention (the GPU forms) and the CPU forms."""
 
 
 import mlx.core as mx
 import numpy as np
 import pytest
 
-from genesis_mlx.fastmath import exp
-from genesis_mlx.kernels import gla_decode, gpu_backend, select_kernels
-from genesis_mlx.kernels.fox import (fox_attention, fox_attention_grouped, fox_attention_kernel,
-                                     fox_attention_parallel, fox_attention_tiled, group_values,
-                                     ungroup_values)
-from genesis_mlx.kernels.fox.cpu import deal_out
-from genesis_mlx.kernels.fox.kernel import split_size
+from genesis_mlx.cpu.fox import deal_out, fox_attention_grouped, fox_attention_parallel
+from genesis_mlx.forms import exp
+from genesis_mlx.kernels import gla, gpu_backend
+from genesis_mlx.kernels.fox import fox_attention, fox_attention_sdpa, fox_attention_tiled
 from genesis_mlx.kernels.gla import gla_chunked, gla_chunked_parallel, gla_recurrent, gla_step
 
 SHAPES = [(1, 3, 48, 96), (2, 3, 48, 96), (2, 2, 16, 32), (1, 4, 12, 24)]
@@ -89,11 +87,11 @@ def test_chunked_parallel_gradients_equal_loop():
 def test_dispatch_uses_kernel_only_where_available(kernels_choice):
     q, k, v, g, scale, s = inputs(1, 3, 1, 48, 96, True)
     kernels_choice("off")
-    out, _ = gla_decode(q, k, v, g, scale, 64, s)
+    out, _ = gla(q, k, v, g, scale, 64, s, cached=True)
     want, _ = gla_step(q, k, v, exp(g)[..., None], scale, s)
     assert np.array_equal(np.array(out), np.array(want))  # the ops path, exactly
     kernels_choice("emulate")
-    emulated, _ = gla_decode(q, k, v, g, scale, 64, s)
+    emulated, _ = gla(q, k, v, g, scale, 64, s, cached=True)
     assert rel(want, emulated) <= 1e-5
 
 
@@ -104,42 +102,6 @@ def fox_inputs(B, H, Hkv, Tq, Tk, D, dtype=mx.float32, seed=0):
     v = mx.random.normal((B, H, Tk, D)).astype(dtype)
     ck = mx.cumsum(-mx.random.uniform(0, 0.3, (B, H, Tk)), axis=-1)
     return q, k, v, ck[..., Tk - Tq:], ck, D ** -0.5
-
-
-def fox_runs():
-    runs = [("emulated", lambda *a, **kw: fox_attention_kernel(*a, backend="emulate", **kw))]
-    backend = gpu_backend()
-    if backend in ("metal", "cuda"):
-        runs.append((backend, lambda *a, **kw: fox_attention_kernel(*a, backend=backend, **kw)))
-    return runs
-
-
-# (B, H, Hkv, Tq, Tk, D): prefill (Tq == Tk) odd and long, decode (Tq = 1), GQA 3:1,
-# MHA, a chunk of new queries after cached keys.
-FOX_SHAPES = [(1, 3, 1, 1, 1, 64), (2, 9, 3, 37, 37, 64), (1, 4, 4, 130, 130, 16),
-              (2, 6, 2, 1, 300, 32), (1, 9, 3, 20, 600, 64)]
-
-
-@pytest.mark.parametrize("shape", FOX_SHAPES)
-def test_fox_kernel_equals_ops(shape):
-    B, H, Hkv, Tq, Tk, D = shape
-    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
-    want = fox_attention(q, k, v, cq, ck, scale)
-    for name, run in fox_runs():
-        assert rel(want, run(q, k, v, cq, ck, scale)) <= 1e-5, name
-
-
-@pytest.mark.parametrize("split", [1, 16, 64])
-@pytest.mark.parametrize("shape", [(2, 6, 2, 1, 130, 32), (1, 9, 3, 20, 300, 64)])
-def test_fox_kernel_key_splits_merge_to_ops(shape, split):
-    """Decode-style key splits (flash-decoding), including splits that hold no key
-    a row may see and splits of a single key."""
-    B, H, Hkv, Tq, Tk, D = shape
-    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
-    key_start = mx.array([37] * B, mx.int32)
-    want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    for name, run in fox_runs():
-        assert rel(want, run(q, k, v, cq, ck, scale, key_start, split=split)) <= 1e-5, name
 
 
 def tiled_runs():
@@ -165,18 +127,11 @@ def test_tiled_fox_kernel_equals_ops(shape):
             assert rel(want, run(q, k, v, cq, ck, scale, key_start)) <= 1e-5, name
 
 
-def test_fox_kernel_split_size_fills_the_gpu():
-    assert split_size(9, 2048) == 64            # decode: 32 splits per query
-    assert split_size(9 * 2048, 2048) == 2048   # long prefill: one split per row
-    assert split_size(9, 100_000) == 256        # powers of two, >= 64 keys
-
-
-@pytest.mark.parametrize("kernel", ["rows", "tiled"])
-def test_fox_kernel_left_padding_and_reduced_precision(kernel):
+def test_fox_kernel_left_padding_and_reduced_precision():
     q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
     key_start = mx.array([0, 7, 39], mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    for name, run in (fox_runs() if kernel == "rows" else tiled_runs()):
+    for name, run in tiled_runs():
         got = run(q, k, v, cq, ck, scale, key_start)
         assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
 
@@ -211,9 +166,13 @@ def test_grouped_fox_equals_ops(case):
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    for layout in (group_values(v, Hkv), v):  # the quantized cache's, the exact cache's
-        got = fox_attention_grouped(q, k, layout, cq, ck, scale, key_start)
-        assert rel(want, got) <= 1e-6
+    assert rel(want, fox_attention_grouped(q, k, v, cq, ck, scale, key_start)) <= 1e-6
+
+
+def quantized_kv(k, v, bits):
+    """K and V as a quantized FoX cache stores them, and what they hold once rounded."""
+    k_q, v_q = (mx.quantize(a, group_size=32, bits=bits) for a in (k, v))
+    return k_q, v_q, *(mx.dequantize(*a, group_size=32, bits=bits) for a in (k_q, v_q))
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -221,15 +180,42 @@ def test_quantized_grouped_fox_equals_ops_on_dequantized_cache(bits):
     """With a quantized cache, attention is exact given the stored (rounded) K and V."""
     B, H, Hkv, Tq, Tk, D = 2, 6, 2, 3, 70, 32
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
-    k_q = mx.quantize(k, group_size=32, bits=bits)
-    v_q = mx.quantize(group_values(v, Hkv), group_size=32, bits=bits)
-    k_stored = mx.dequantize(*k_q, group_size=32, bits=bits)
-    v_stored = ungroup_values(mx.dequantize(*v_q, group_size=32, bits=bits), H)
+    k_q, v_q, k_stored, v_stored = quantized_kv(k, v, bits)
     want = fox_attention(q, k_stored, v_stored, cq, ck, scale)
     got = fox_attention_grouped(q, k_q, v_q, cq, ck, scale, quantized=(32, bits))
     assert rel(want, got) <= 1e-5
     # and the rounding is real: the exact K/V give different outputs
     assert rel(fox_attention(q, k, v, cq, ck, scale), got) > 1e-4
+
+
+# (B, H, Hkv, Tq, Tk, D, key_start): a prompt, decode, a chunk after cached keys, a
+# left-padded batch, MHA, GQA 3:1 at the real head size.
+SDPA_CASES = [(1, 9, 3, 37, 37, 64, None), (1, 9, 3, 1, 50, 64, None),
+              (2, 6, 2, 7, 40, 32, [3, 0]), (2, 4, 4, 5, 5, 32, None),
+              (2, 6, 2, 70, 70, 32, [0, 30])]
+
+
+@pytest.mark.parametrize("case", SDPA_CASES)
+def test_fused_attention_with_forget_bias_equals_ops(case):
+    """mx.fast.scaled_dot_product_attention, the forget bias as its mask and one call
+    per head of each KV group (K never repeated), against the plain form."""
+    B, H, Hkv, Tq, Tk, D, starts = case
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    key_start = None if starts is None else mx.array(starts, mx.int32)
+    want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    assert rel(want, fox_attention_sdpa(q, k, v, cq, ck, scale, key_start)) <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_fused_attention_on_a_quantized_cache_equals_ops_on_dequantized_cache(bits):
+    """mlx-lm's quantized attention with the forget bias as its mask."""
+    B, H, Hkv, Tq, Tk, D = 2, 6, 2, 3, 70, 32
+    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
+    k_q, v_q, k_stored, v_stored = quantized_kv(k, v, bits)
+    key_start = mx.array([0, 9], mx.int32)
+    want = fox_attention(q, k_stored, v_stored, cq, ck, scale, key_start)
+    got = fox_attention_sdpa(q, k_q, v_q, cq, ck, scale, key_start, quantized=(32, bits))
+    assert rel(want, got) <= 1e-5
 
 
 @pytest.mark.parametrize("Tq,Tk,starts", [(300, 300, None), (200, 333, None), (257, 257, [0, 30])])
@@ -256,7 +242,7 @@ def elementwise_rel(want, got, floor=0.0):
 
 
 def test_fast_math_equals_mlx():
-    from genesis_mlx import fastmath
+    from genesis_mlx.cpu import fastmath
 
     x = mx.linspace(-80, 80, 100_001)
     exact = np.exp(np.array(x, np.float64))
@@ -275,7 +261,7 @@ def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
     """The fused forms (large arrays) against float64 and against the plain forms
     (small arrays): overflow, underflow (to float32's smallest normal), inf and nan, bfloat16,
     the gated product and the gradient."""
-    from genesis_mlx import fastmath
+    from genesis_mlx.cpu import fastmath
 
     edges = [-np.inf, np.inf, np.nan, 0.0, -87.0, -88.7, -103.0, -104.0, 88.0, 89.0, 200.0]
     x64 = np.concatenate([np.linspace(-120.0, 120.0, 2 * fastmath.FUSED_MIN_SIZE), edges])
@@ -312,7 +298,7 @@ def test_fused_sigmoid_and_silu_gradients_hold_where_the_exponential_overflows()
     """Below x of about -88, 2 ** (-x log2 e) overflows to inf, and differentiating
     1 / (1 + inf) through its ops gives 0 * inf = nan; the fused forms' gradients
     are sigmoid's own, as mx.sigmoid's (LoRA training goes through them)."""
-    from genesis_mlx import fastmath
+    from genesis_mlx.cpu import fastmath
 
     edges = [-88.5, -100.0, -200.0, -87.0, 0.0, 3.0, 50.0]
     x = mx.array(np.concatenate([edges, np.linspace(-10.0, 10.0, fastmath.FUSED_MIN_SIZE)])
@@ -335,7 +321,7 @@ def test_fused_sigmoid_and_silu_gradients_hold_where_the_exponential_overflows()
 def test_softmax_flushes_weights_below_the_smallest_normal():
     """FoX scores biased by a long context's forget gates spread over ~1000: the
     weights float32 can hold match float64 softmax, the rest are exactly 0."""
-    from genesis_mlx import fastmath
+    from genesis_mlx.cpu import fastmath
 
     scores = np.concatenate([np.linspace(-1500.0, 0.0, 2048), [3.0, -86.0, -88.0, -104.0]])
     got = np.array(fastmath.softmax(mx.array(scores[None], mx.float32)))[0]
@@ -361,8 +347,7 @@ MLX_METAL_ATTRIBUTES = (
 )
 
 
-@pytest.mark.parametrize("kernel", ["fox.kernel.KERNEL", "fox.kernel.TILED_KERNEL",
-                                    "gla.recurrent.KERNEL"])
+@pytest.mark.parametrize("kernel", ["fox.kernel.KERNEL", "gla.recurrent.KERNEL"])
 def test_metal_source_names_the_attributes_its_prelude_uses(kernel):
     """No Mac here: this checks the one rule the Metal path needs beyond what the CUDA
     and CPU runs of the same body already check."""

@@ -319,17 +319,19 @@ def test_fuse_force_keeps_other_files_and_never_writes_over_the_model(trained, t
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
-def test_gradients_reach_gla_and_fox_layers(trained):
+def lora_gradients(model_dir, dtype=mx.float32):
+    """The LoRA parameters' gradients of a next-token loss, flat by name (float64)."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     from genesis_mlx.tuning.lora import LORA_KEYS
 
-    model_dir, _, _, _ = trained
     model, _ = g.load(str(model_dir))
     model.freeze()
+    mx.random.seed(0)  # the same lora_a whatever the arrangement
     linear_to_lora_layers(model, 4, {"rank": 4, "scale": 1.0, "dropout": 0.0, "keys": LORA_KEYS})
+    model.set_dtype(dtype)
     model.train()
     ids = mx.array(np.random.RandomState(2).randint(0, 50000, (2, 100)))
 
@@ -337,9 +339,39 @@ def test_gradients_reach_gla_and_fox_layers(trained):
         return nn.losses.cross_entropy(m(ids[:, :-1]), ids[:, 1:]).mean()
 
     _, grads = nn.value_and_grad(model, loss)(model)
-    flat = dict(tree_flatten(grads))
+    return model, {k: np.array(v.astype(mx.float64), np.float64) for k, v in tree_flatten(grads)}
+
+
+@pytest.mark.usefixtures("forms_arrangement")
+def test_gradients_reach_gla_and_fox_layers(trained):
+    model, flat = lora_gradients(trained[0])
     for i, block in enumerate(model.blocks):
         # lora_b starts at zero, lora_a at random: its gradient is (x A)^T dY
         g_b = flat[f"blocks.{i}.attn.q_proj.lora_b"]
-        assert np.isfinite(np.array(g_b)).all()
-        assert float(mx.abs(g_b).max()) > 0, f"no gradient reaches layer {i} (fox={block.is_fox})"
+        assert np.isfinite(g_b).all()
+        assert np.abs(g_b).max() > 0, f"no gradient reaches layer {i} (fox={block.is_fox})"
+
+
+def test_gradients_are_as_exact_in_both_arrangements(trained, monkeypatch):
+    """LoRA gradients through the CPU forms (fused SiLU and sigmoid with their own
+    gradients, FoX in row blocks) are as close to the exact gradients (MLX's own ops
+    in float64, on the CPU) as float32 lets MLX's own ops be (the GPU forms), within a
+    factor 2: two float32 computations of one function in different orders round
+    apart by errors of the same size."""
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU forms (and float64) exist on the CPU only")
+    monkeypatch.setenv("GENESIS_MLX_FORMS", "gpu")
+    _, exact = lora_gradients(trained[0], mx.float64)
+    _, gpu = lora_gradients(trained[0])
+    monkeypatch.setenv("GENESIS_MLX_FORMS", "cpu")
+    _, cpu = lora_gradients(trained[0])
+    assert cpu.keys() == gpu.keys() == exact.keys()
+    reached = [name for name in exact if np.abs(exact[name]).max() > 0]
+    assert reached  # lora_a's gradients are 0 while lora_b is
+
+    def error(got):
+        return max(np.abs(got[n] - exact[n]).max() / np.abs(exact[n]).max() for n in reached)
+
+    float32_rounding = error(gpu)
+    assert 0 < float32_rounding < 1e-3, "the float64 run must differ by rounding alone"
+    assert error(cpu) <= 2 * float32_rounding, (error(cpu), float32_rounding)

@@ -84,3 +84,70 @@ def test_our_loader_never_runs_the_directory_code(model_dir, tmp_path):
     ids = mx.array([tokenizer.encode("Hello")])
     assert np.array_equal(np.array(model(ids)), np.array(g.load(str(model_dir))[0](ids)))
     assert not marker.exists()
+
+
+def test_a_loaded_model_copies_and_pickles(model_dir):
+    """As mlx-lm's own model tests require of every model: a model loaded through
+    mlx-lm deep-copies and pickles, fresh and after decoding (its compiled steps are
+    rebuilt, not copied), with LoRA layers and quantized; the copy computes the same
+    logits, decoding included."""
+    import copy
+    import pickle
+
+    import mlx.nn as nn
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model, tokenizer = mlx_lm_load(str(model_dir), trust_remote_code=True)
+    ids = mx.array([tokenizer.encode("The sky is blue because")])
+
+    def logits(m):
+        cache = m.make_cache()
+        prompt = m(ids[:, :-2], cache=cache)
+        steps = [m(ids[:, t : t + 1], cache=cache) for t in (ids.shape[1] - 2, ids.shape[1] - 1)]
+        return np.concatenate([np.array(m(ids)), np.array(prompt), *map(np.array, steps)], axis=1)
+
+    copies = [copy.deepcopy(model)]
+    want = logits(model)  # the original has decoded: its steps are compiled now
+    copies += [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 10.0, "dropout": 0.0})
+    nn.quantize(model, group_size=32, bits=4,
+                class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % 32 == 0)
+    changed = logits(model)
+    assert np.abs(changed - want).max() > 1e-3, "fixture too weak: quantizing changed nothing"
+    for other in copies:
+        assert np.array_equal(logits(other), want)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert np.array_equal(logits(other), changed)
+
+
+def test_mlx_lm_kv_bits_quantizes_the_fox_cache(model_dir):
+    """mlx-lm's generate_step with kv_bits asks every cache that can to quantize itself:
+    the FoX layers' caches switch to QuantizedFoxCache (the others hold no growing
+    K/V, as mlx-lm's ArraysCache), at the start and mid-way, and the log-probabilities
+    stay within the 8-bit cache's bound (README)."""
+    from mlx_lm import load as mlx_lm_load
+    from mlx_lm.generate import generate_step
+
+    from genesis_mlx.model.cache import FoxCache, QuantizedFoxCache
+
+    model, tokenizer = mlx_lm_load(str(model_dir), trust_remote_code=True)
+    prompt = mx.array(tokenizer.encode("Why is the sky blue? Tell me about light and air."))
+
+    def run(**options):
+        cache = model.make_cache()
+        steps = generate_step(prompt, model, max_tokens=12, prompt_cache=cache,
+                              sampler=lambda lp: mx.argmax(lp, axis=-1), **options)
+        return [np.array(lp) for _, lp in steps], cache
+
+    exact, exact_cache = run()
+    assert not any(isinstance(c, QuantizedFoxCache) for c in exact_cache)
+    for start in (0, prompt.size + 4):
+        quantized, cache = run(kv_bits=8, kv_group_size=32, quantized_kv_start=start)
+        fox = [c for c in cache if isinstance(c, FoxCache)]
+        assert fox and all(type(c) is QuantizedFoxCache and c.bits == 8 for c in fox)
+        assert all(type(a) is type(b) for a, b in zip(cache, exact_cache)
+                   if not isinstance(a, FoxCache))
+        errors = [np.abs(q - e).max() / max(1.0, np.abs(e).max()) for q, e in zip(quantized, exact)]
+        assert 0 < max(errors) <= 5e-3, errors

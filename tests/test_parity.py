@@ -7,6 +7,9 @@ import pytest
 import reference as R
 from conftest import CONFIGS, logits_tolerance, mlx_model, tokens
 
+# Each test runs under both arrangements of the model's math (conftest).
+pytestmark = pytest.mark.usefixtures("forms_arrangement")
+
 LENGTHS = [1, 37, 100, 600]
 
 

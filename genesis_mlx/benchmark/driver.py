@@ -14,10 +14,11 @@ from .report import busy_machine_line, format_table, machine_line, merge_rounds,
 IMPLS = ("genesis-mlx", "genesis-mlx-kv8", "reference", "mlx-lm")
 
 
-def run_worker(impl, model_dir, checkpoint, length, gen, reps, phase="generate"):
+def run_worker(impl, model_dir, checkpoint, length, gen, reps, phase="generate",
+               dtype="float32"):
     """One fresh worker process, in the environment its users would run it in. The
     result also says how much CPU the rest of the machine took meanwhile."""
-    cmd = worker_command(impl, model_dir, checkpoint, length, gen, reps, phase)
+    cmd = worker_command(impl, model_dir, checkpoint, length, gen, reps, phase, dtype)
     with interference() as load:
         result = subprocess.run(cmd, capture_output=True, text=True,
                                 env=worker_environment(impl))
@@ -28,11 +29,11 @@ def run_worker(impl, model_dir, checkpoint, length, gen, reps, phase="generate")
     return dict(json.loads(lines[-1][6:]), **load)
 
 
-def measure(impl, model_dir, checkpoint, length, gen):
+def measure(impl, model_dir, checkpoint, length, gen, dtype="float32"):
     """One round of one impl at one prompt length: a fresh process, one warm-up, one
     timed generation. The reference's prefill is the faster of its no-cache forward
     and its generate's first token, so no choice of ours makes it look slow."""
-    r = run_worker(impl, model_dir, checkpoint, length, gen, 1)
+    r = run_worker(impl, model_dir, checkpoint, length, gen, 1, dtype=dtype)
     if impl != "reference" or "error" in r:
         return r
     forward = run_worker(impl, model_dir, checkpoint, length, gen, 1, phase="forward")
@@ -67,9 +68,9 @@ def measure_rounds(impls, lengths, reps, measure_one):
     return {impl: {L: merge_rounds(rounds[impl][L]) for L in lengths} for impl in impls}
 
 
-def prepare_model(model: str, work: Path, revision=None):
-    """The reference checkpoint and its conversion: ``random`` writes one of the
-    real shape."""
+def prepare_model(model: str, work: Path, revision=None, dtype="float32"):
+    """The reference checkpoint and its conversion to ``dtype``: ``random`` writes one
+    of the real shape."""
     from ..conversion.checkpoint import resolve_source
     from ..conversion.convert import convert
     from ..conversion.reference_format import GENESIS_152M, write_reference_checkpoint
@@ -79,26 +80,31 @@ def prepare_model(model: str, work: Path, revision=None):
                                                 GENESIS_152M)
     else:  # a reference checkpoint: the reference needs the raw file
         checkpoint = resolve_source(model, revision)
-    return checkpoint, convert(str(checkpoint), str(work / "mlx"), force=True,
+    return checkpoint, convert(str(checkpoint), str(work / "mlx"), dtype, force=True,
                                with_tokenizer=False)
 
 
 def bench(model: str, lengths, gen: int, reps: int, compare, json_out=None, work=None,
-          revision=None):
+          revision=None, dtype=None):
+    """``dtype``: the MLX rows' (default: bfloat16 on a GPU, float32 on the CPU)."""
     import tempfile
 
+    from ..conversion.convert import device_dtype
+
+    dtype = dtype or device_dtype()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint, model_dir = prepare_model(model, Path(work or tmp), revision)
+        checkpoint, model_dir = prepare_model(model, Path(work or tmp), revision, dtype)
         cpu_before = own_cpu_seconds()
         results = measure_rounds(
             ["genesis-mlx", *compare], lengths, reps,
-            lambda impl, L: measure(impl, model_dir, checkpoint, L, gen))
+            lambda impl, L: measure(impl, model_dir, checkpoint, L, gen, dtype))
         driver_cpu = own_cpu_seconds() - cpu_before
-    report = {"machine": machine_line(), "gen": gen, "reps": reps,
+    report = {"machine": machine_line(), "gen": gen, "reps": reps, "dtype": dtype,
               "driver_cpu_s": driver_cpu, "results": results}
-    print(f"\nMachine: {report['machine']}; {gen} generated tokens, {reps} interleaved "
-          "rounds (each impl in a fresh process per round, after a warm-up; the reference "
-          "without any preload, the MLX rows with one BLAS between them)")
+    print(f"\nMachine: {report['machine']}; MLX rows in {dtype}; {gen} generated tokens, "
+          f"{reps} interleaved rounds (each impl in a fresh process per round, after a "
+          "warm-up; the reference without any preload, the MLX rows with one BLAS between "
+          "them)")
     print(format_table(results, lengths))
     for line in ratio_lines(results, lengths):
         print(line)

@@ -2,7 +2,7 @@
 users would run it in.
 
 The ``genesis-mlx`` command re-executes itself with OpenBLAS and the GEMV forwarding
-preloaded (``genesis_mlx.blas``), so the bench's own process carries that preload and
+preloaded (``genesis_mlx.cpu.blas``), so the bench's own process carries that preload and
 our flags. A child inherits both unless told otherwise, and a preloaded OpenBLAS
 takes over torch's exported BLAS symbols: the reference would then compute with
 another BLAS, its threads against torch's. So the reference runs as a torch user's
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import List, Mapping
 
-from ..blas import CHILD_FLAG, command_preload
+from ..cpu.blas import CHILD_FLAG, command_preload
 from .reference_worker import OUR_VARIABLE_PREFIXES
 
 REFERENCE_WORKER = Path(__file__).with_name("reference_worker.py")
@@ -56,9 +56,11 @@ def reference_command(arguments: List[str]) -> List[str]:
     return [sys.executable, "-I", str(REFERENCE_WORKER), *arguments]
 
 
-def worker_command(impl, model_dir, checkpoint, length, gen, reps, phase="generate"):
+def worker_command(impl, model_dir, checkpoint, length, gen, reps, phase="generate",
+                   dtype="float32"):
+    """The reference runs as its users run it, in float32; the MLX workers in ``dtype``."""
     common = ["--prompt-length", str(length), "--gen", str(gen), "--reps", str(reps)]
     if impl == "reference":
         return reference_command(["--checkpoint", str(checkpoint), *common, "--phase", phase])
     return [sys.executable, "-m", "genesis_mlx.benchmark", "worker", impl,
-            "--model", str(model_dir), *common]
+            "--model", str(model_dir), "--dtype", dtype, *common]

@@ -79,6 +79,7 @@ def worker_mlx_lm(args):
     from mlx_lm.models.cache import make_prompt_cache
 
     model = llama.Model(llama.ModelArgs.from_dict(SMOLLM2_135M))
+    model.set_dtype(getattr(mx, args.dtype))
     mx.eval(model.parameters())
     ids = prompt_ids(args.prompt_length, SMOLLM2_135M["vocab_size"])
     return run_mlx(model, ids, args.gen, lambda: make_prompt_cache(model), args.reps,
@@ -88,7 +89,7 @@ def worker_mlx_lm(args):
 def mlx_backend() -> str:
     import mlx.core as mx
 
-    from ..blas import describe
+    from ..cpu.blas import describe
 
     if mx.default_device() == mx.cpu:
         return f"mlx {mx.__version__} cpu ({describe()} BLAS)"
@@ -106,9 +107,10 @@ def main(argv):
     p.add_argument("--prompt-length", type=int, required=True)
     p.add_argument("--gen", type=int, required=True)
     p.add_argument("--reps", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="the Llama's weights (ours: as converted)")
     args = p.parse_args(argv)
     out = WORKERS[args.impl](args)
-    out["backend"] = mlx_backend()
+    out["backend"] = f"{mlx_backend()}, {args.dtype}"
     out["rss_peak_mb"] = peak_rss_mb()
     out["environment"] = process_environment()
     print("BENCH " + json.dumps(out), flush=True)

@@ -1,4 +1,5 @@
 from ..benchmark import IMPLS, bench
+from ..conversion.convert import DTYPES
 from ..errors import GenesisError
 from .generate import add_revision_argument
 
@@ -14,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--compare", default="genesis-mlx-kv8,reference,mlx-lm",
                    help="comma list of: genesis-mlx-kv8 (this port with 8-bit FoX K/V), "
                         "reference (genesis-llm, torch), mlx-lm (same-size Llama)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="the MLX rows' weights (default: bfloat16 on a GPU, float32 on the "
+                        "CPU; the reference always runs in float32, as its users run it)")
     p.add_argument("--json", default=None, help="write the report as JSON here")
 
 
@@ -29,4 +33,5 @@ def run(args):
                           "--reps must be positive")
     if args.revision is not None and args.model == "random":
         raise GenesisError("--revision pins a Hub download; --model random has none")
-    bench(args.model, lengths, args.gen, args.reps, compare, args.json, revision=args.revision)
+    bench(args.model, lengths, args.gen, args.reps, compare, args.json, revision=args.revision,
+          dtype=args.dtype)

@@ -11,8 +11,9 @@ def add_arguments(p):
                    help="Hub repo id, local directory or .safetensors (default: %(default)s)")
     add_revision_argument(p)
     p.add_argument("--mlx-path", default="genesis-mlx-model", help="output directory")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weight dtype (float32 reproduces the reference's numbers)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU; "
+                        "float32 reproduces the reference's numbers)")
     p.add_argument("-q", "--quantize", action="store_true", help="quantize the weights")
     p.add_argument("--q-bits", type=int, default=None,
                    help=f"bits per weight with -q: 2-6 or 8 (default {Q_BITS})")

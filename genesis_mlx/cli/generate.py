@@ -2,6 +2,7 @@ import sys
 
 from ..checks import check_kv_bits
 from ..conversion.checkpoint import DEFAULT_REPO
+from ..conversion.convert import DTYPES
 from ..errors import GenesisError
 from ..generation.generate import (
     DEFAULT_REPETITION_PENALTY, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingOptions,
@@ -21,10 +22,18 @@ def add_revision_argument(p):
                         "(default: the default branch)")
 
 
+def add_dtype_argument(p):
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="what a Hub repo or a reference .safetensors is converted to on first "
+                        "use (default: bfloat16 on a GPU, float32 on the CPU); a converted "
+                        "directory keeps its own")
+
+
 def add_model_arguments(p):
     p.add_argument("--model", default=DEFAULT_REPO,
                    help="Hub repo id, converted model directory or reference .safetensors")
     add_revision_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
     p.add_argument("--ttt", choices=["on", "off"], default="on",
@@ -67,7 +76,8 @@ def sampling_from(args) -> SamplingOptions:
 
 def load_from(args):
     return load(args.model, adapter_path=args.adapter_path, tokenizer=args.tokenizer,
-                model_config={"ttt_enabled": args.ttt == "on"}, revision=args.revision)
+                model_config={"ttt_enabled": args.ttt == "on"}, revision=args.revision,
+                dtype=args.dtype)
 
 
 def read_prompt(value):

@@ -9,7 +9,7 @@ def run(args):
     import mlx.core as mx
 
     from .. import __version__
-    from ..blas import advice, command_preload, describe
+    from ..cpu.blas import advice, command_preload, describe
 
     print(f"genesis-mlx {__version__}, mlx {mx.__version__}")
     print(f"machine: {platform.system()} {platform.machine()}, python {platform.python_version()}")

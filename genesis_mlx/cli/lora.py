@@ -1,12 +1,13 @@
 from ..loading import load
 from ..tuning.lora import check_run, run_lora, training_args
-from .generate import TOKENIZER_HELP, add_revision_argument
+from .generate import TOKENIZER_HELP, add_dtype_argument, add_revision_argument
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True, help="converted model directory, Hub id or "
                    "reference .safetensors (a quantized model gives QLoRA)")
     add_revision_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--train", action="store_true",
                    help="train adapters (--train, --test or both)")
     p.add_argument("--test", action="store_true", help="report the loss on test.jsonl")
@@ -51,7 +52,8 @@ def run(args):
     )
     # Bad options or data, or an adapter directory in the way: said before the model loads.
     check_run(options)
-    model, tokenizer = load(args.model, tokenizer=args.tokenizer, revision=args.revision)
+    model, tokenizer = load(args.model, tokenizer=args.tokenizer, revision=args.revision,
+                            dtype=args.dtype)
     if options.num_layers is None:
         options.num_layers = min(16, len(model.layers))
     options.max_seq_length = options.max_seq_length or model.args.block_size

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     if argv is None:
-        from ..blas import reexec_with_openblas
+        from ..cpu.blas import reexec_with_openblas
 
         reexec_with_openblas(sys.argv[1:])
     args = build_parser().parse_args(argv)

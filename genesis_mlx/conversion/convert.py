@@ -65,10 +65,16 @@ def stop_token_ids(tok) -> list:
     return [chat_token_ids(tok)[1], tok.eos_token_id]
 
 
+def device_dtype() -> str:
+    """A conversion's default dtype: decoding reads every weight once a token, and on a
+    GPU bfloat16 halves those bytes; on the CPU, float32 (the reference's numbers)."""
+    return "float32" if mx.default_device() == mx.cpu else "bfloat16"
+
+
 def convert(
     hf_path: str = DEFAULT_REPO,
     mlx_path: str = "genesis-mlx-model",
-    dtype: str = "float32",
+    dtype: Optional[str] = None,
     quantize_model: bool = False,
     q_bits: int = 4,
     q_group_size: int = 64,
@@ -77,9 +83,11 @@ def convert(
     with_tokenizer: bool = True,
     revision: Optional[str] = None,
 ) -> Path:
-    """``with_tokenizer=False`` writes the model alone (benchmarks of random models);
-    ``revision`` pins a Hub repo's download (a commit, branch or tag)."""
+    """``dtype``: default ``device_dtype()``; ``with_tokenizer=False`` writes the model
+    alone (benchmarks of random models); ``revision`` pins a Hub repo's download (a
+    commit, branch or tag)."""
     out = check_output_dir(mlx_path, force, "--mlx-path")
+    dtype = dtype or device_dtype()
     if dtype not in DTYPES:
         raise GenesisError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if quantize_model and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in GROUP_SIZES):

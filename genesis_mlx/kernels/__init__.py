@@ -1,24 +1,28 @@
 """Sequence mixers, in flash-linear-attention's layout: per algorithm (``gla``, ``fox``)
-a ``naive`` reference, the ops forms, the GPU kernel and the CPU arrangement; the
-kernel bodies in ``metal/`` with their ``launcher`` and CPU ``emulation``.
+a ``naive`` reference and the other forms of the same math, the GPU kernels' bodies
+in ``metal/`` with their ``launcher`` and CPU ``emulation``.
 
-This module is the dispatch the model calls. The ops path runs everywhere and is the
-only one with gradients; a GPU kernel is used when the device has one, the call is
-inference (``backend.select_kernels`` / ``GENESIS_MLX_KERNELS``) and the kernel passed
-its first-use check (``guard``). ``gla_decode_form`` and ``fox_form`` are the rules;
-``genesis-mlx doctor`` reads them to say which path the model takes.
+This module is the dispatch, and the only one: ``gla_form`` and ``fox_form`` say which
+form a call takes and why; the model runs ``gla`` and ``fox_attend``, which ask them,
+and ``genesis-mlx doctor`` reports them. The rules, in order:
+
+1. A GPU kernel where the device has one (``backend.gpu_backend``), the call is
+   inference, its shape is one the kernel is for, and it passed its first-use check
+   (``guard``). ``GENESIS_MLX_KERNELS=emulate`` runs the kernel bodies on the CPU.
+2. Else the GPU forms (MLX's own ops: the loop-free chunked GLA,
+   ``mx.fast.scaled_dot_product_attention`` for FoX), or on the CPU the CPU forms
+   (``genesis_mlx.forms`` decides which; ``genesis_mlx.cpu`` holds the CPU's).
 """
+
+from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ..fastmath import exp
-
-from .backend import gpu_backend, select_kernels
-from .fox import (fox_attention, fox_attention_grouped, fox_attention_kernel,
-                  fox_attention_parallel, fox_decode_step, group_values, ungroup_values,
-                  use_cpu_streams)
+from .. import forms
+from .backend import device_gpu, gpu_backend, select_kernels
+from .fox import fox_attention, fox_attention_sdpa, fox_attention_tiled
 from .fox import kernel as fox_kernel
-from .fox.cached import kv_heads
+from .fox.naive import kv_heads
 from .gla import gla_chunked, gla_chunked_parallel, gla_recurrent, gla_step
 from .gla import recurrent as gla_kernel
 
@@ -26,86 +30,118 @@ from .gla import recurrent as gla_kernel
 # batch * heads * value columns) beats the chunked form.
 RECURRENT_MAX_T = 64
 
-# The FoX kernel saves memory (no bias matrix) but is slower than the ops path for
-# prefills, so it takes only the long ones, where the bias matrix would be large.
-# Decoding keeps the ops path until the kernel's key splits are timed on a GPU.
+# The tiled FoX kernel never holds the [heads, queries, keys] bias matrix that the
+# fused attention reads as its mask: it takes the long prompts, where that matrix
+# is large.
 FOX_KERNEL_MIN_QUERIES = 1024
 
-# Up to this many queries against a cache, the grouped form (no per-head copy of a
-# quantized cache's V) is used; longer chunks copy V once into per-head layout.
+# On the CPU, up to this many queries against a cache use the grouped form (each head
+# a matrix-vector product over the cache as it is laid out); longer pieces use the
+# blocks of the plain form.
 FOX_GROUPED_MAX_QUERIES = 64
 
+Form = Tuple[str, str]
 
-def gla_prefill(q, k, v, log_g, scale, chunk_size, state=None, beta=None):
-    """Whole-sequence GLA (no-cache forward, training, prompts). The delta rule makes
-    each chunk depend on the previous state, so it keeps the sequential form; on
-    the CPU the loop-free form's extra [N, N] x [N, Dk*Dv] product costs what the
-    Python loop saves."""
-    if beta is not None or mx.default_device() == mx.cpu:
+
+def kernel_refusal(guard, backend: Optional[str], dtype, dims) -> Optional[str]:
+    """Why the guarded kernel may not run (None: it may)."""
+    if backend is None:
+        return ("kernels switched off (GENESIS_MLX_KERNELS=off)" if device_gpu()
+                else "no GPU here, so no kernels")
+    if dtype is not None and not guard.usable(backend, dtype, dims):
+        return f"the {guard.title} kernel is {guard.state(backend)}"
+    return None
+
+
+def gla_form(n_tokens: int, cached: bool, delta_rule: bool = False, dtype=None,
+             dims: Optional[tuple] = None) -> Form:
+    """(form, why) of GLA over ``n_tokens`` new tokens: "recurrent kernel", "step",
+    "chunked" (chunk after chunk) or "chunked, loop-free". ``cached``: continuing
+    from a cache (inference); ``dims``: (heads, Dk, Dv) for the kernel's check."""
+    backend = gpu_backend()
+    if cached and n_tokens <= RECURRENT_MAX_T:
+        refused = kernel_refusal(gla_kernel.GUARD, backend, dtype, dims)
+        if refused is None:
+            return "recurrent kernel", (f"{n_tokens} token(s) against a cache "
+                                        f"(<= {RECURRENT_MAX_T}) on {backend}")
+        if n_tokens == 1:
+            return "step", f"one token against a cache; {refused}"
+    if delta_rule:
+        return "chunked", "the delta rule makes each chunk read the state before it"
+    if forms.cpu_forms():
+        return "chunked", ("CPU forms: the loop-free form's extra product costs what "
+                           "the loop saves")
+    return "chunked, loop-free", "GPU forms: the chunks' recurrence as one product"
+
+
+def gla(q, k, v, log_g, scale: float, chunk_size: int, state=None, beta=None,
+        cached: bool = False):
+    """GLA over new tokens, from ``state``; -> (output fp32, new state)."""
+    _, H, T, Dk = q.shape
+    form, _ = gla_form(T, cached, beta is not None, q.dtype, (H, Dk, v.shape[-1]))
+    if form == "recurrent kernel":
+        return gla_recurrent(q, k, v, log_g, scale, state)
+    if form == "step":
+        return gla_step(q, k, v, forms.exp(log_g)[..., None], scale, state)
+    if form == "chunked":
         return gla_chunked(q, k, v, log_g, scale, chunk_size, state, beta)
     return gla_chunked_parallel(q, k, v, log_g, scale, chunk_size, state)
 
 
-def gla_decode_form(T: int, backend) -> str:
-    """What ``gla_decode`` runs for T new tokens: "kernel" (the recurrent kernel, if
-    its guard agrees), "step" (``gla_step``) or "chunked" (``gla_prefill``)."""
-    if T <= RECURRENT_MAX_T and backend is not None:
-        return "kernel"
-    return "step" if T == 1 else "chunked"
-
-
-def gla_decode(q, k, v, log_g, scale, chunk_size, state):
-    """GLA continuing from a cached state (inference)."""
-    _, H, T, Dk = q.shape
+def fox_form(n_queries: int, cached: bool = False, training: bool = False,
+             quantized: bool = False, dtype=None, dims: Optional[tuple] = None) -> Form:
+    """(form, why) of FoX attention for ``n_queries`` queries: "tiled kernel", "sdpa"
+    (the GPU forms), or the CPU forms "decode step", "grouped", "cpu streams" and
+    "blocks".
+    ``dims``: (heads, KV heads, head dim) for the kernel's check."""
     backend = gpu_backend()
-    if gla_decode_form(T, backend) == "kernel" and gla_kernel.GUARD.usable(
-            backend, q.dtype, (H, Dk, v.shape[-1])):
-        return gla_recurrent(q, k, v, log_g, scale, state)
-    if T == 1:
-        return gla_step(q, k, v, exp(log_g)[..., None], scale, state)
-    return gla_prefill(q, k, v, log_g, scale, chunk_size, state)
+    long_enough = n_queries >= FOX_KERNEL_MIN_QUERIES or backend == "emulate"
+    if not training and long_enough:
+        refused = kernel_refusal(fox_kernel.GUARD, backend, dtype, dims)
+        if refused is None:
+            rule = ("emulated: every call" if backend == "emulate"
+                    else f"{n_queries} queries >= {FOX_KERNEL_MIN_QUERIES}")
+            return "tiled kernel", f"{rule} on {backend}: no bias matrix held"
+    if not forms.cpu_forms():
+        cache = ", quantized cache (mlx-lm's quantized attention)" if quantized else ""
+        return "sdpa", f"GPU forms: fused attention, the forget bias as its mask{cache}"
+    from ..cpu.fox import use_cpu_streams
 
-
-def fox_form(n_queries: int, backend, training=False, cached=False) -> str:
-    """What ``fox_attend`` runs: "kernel" (if its guard agrees), "grouped" (a few
-    queries against a cache), "cpu streams" (long CPU prefills) or "blocks"."""
-    if not training and backend is not None and (
-            n_queries >= FOX_KERNEL_MIN_QUERIES or backend == "emulate"):
-        return "kernel"
+    if cached and n_queries == 1 and not quantized:
+        return "decode step", ("CPU forms: one token against the cache's buffers, one "
+                               "compiled graph")
     if cached and n_queries <= FOX_GROUPED_MAX_QUERIES:
-        return "grouped"
-    return "cpu streams" if use_cpu_streams(n_queries, training) else "blocks"
+        return "grouped", (f"CPU forms: {n_queries} queries (<= {FOX_GROUPED_MAX_QUERIES}) "
+                           f"against the cache as it is laid out")
+    if use_cpu_streams(n_queries, training):
+        return "cpu streams", f"CPU forms: {n_queries} queries in row blocks, one stream a core"
+    return "blocks", "CPU forms: query row blocks (the bias matrix bounded)"
 
 
-def fox_attend(q, k, v, cumsum_q, cumsum_k, scale, key_start=None, training=False,
+def fox_attend(q, k, v, cumsum_q, cumsum_k, scale: float, key_start=None, training=False,
                cached=False, quantized=None):
-    """FoX attention: the kernel for long inference prefills where there is one,
-    else the ops path (for a few queries against a cache: its grouped form; for long
-    CPU prefills: spread over the cores). ``cached``: k and v come from a FoX cache,
-    where v is per head [B, H, Tk, D] or, in a quantized cache, grouped by KV head
-    [B, Hkv, Tk, n_rep * D]. ``quantized=(group_size, bits)``: k and v are
-    mx.quantize triples."""
+    """FoX attention. k [B, Hkv, Tk, D], v [B, H, Tk, D] (from a cache when
+    ``cached``); ``quantized=(group_size, bits)``: k and v are mx.quantize triples."""
     _, H, Tq, D = q.shape
-    backend = gpu_backend()
-    form = fox_form(Tq, backend, training, cached)
-    if form == "kernel" and not fox_kernel.GUARD.usable(backend, q.dtype, (H, kv_heads(k), D)):
-        form = fox_form(Tq, None, training, cached)
-    if form == "grouped":
+    form, _ = fox_form(Tq, cached, training, quantized is not None, q.dtype,
+                       (H, kv_heads(k), D))
+    if form == "sdpa":
+        return fox_attention_sdpa(q, k, v, cumsum_q, cumsum_k, scale, key_start, quantized)
+    if form in ("decode step", "grouped"):  # the step's math, on the rows written
+        from ..cpu.fox import fox_attention_grouped
+
         return fox_attention_grouped(q, k, v, cumsum_q, cumsum_k, scale, key_start, quantized)
     if quantized is not None:
         group_size, bits = quantized
         k, v = (mx.dequantize(*a, group_size=group_size, bits=bits) for a in (k, v))
-    if v.shape[1] != H:
-        v = ungroup_values(v, H)
-    if form == "kernel":
-        return fox_attention_kernel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
+    if form == "tiled kernel":
+        return fox_attention_tiled(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     if form == "cpu streams":
+        from ..cpu.fox import fox_attention_parallel
+
         return fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale, key_start)
     return fox_attention(q, k, v, cumsum_q, cumsum_k, scale, key_start)
 
 
-__all__ = ["fox_attend", "fox_attention", "fox_attention_grouped", "fox_attention_kernel",
-           "fox_attention_parallel", "fox_decode_step", "fox_form", "gla_chunked",
-           "gla_chunked_parallel", "gla_decode", "gla_decode_form", "gla_prefill",
-           "gla_recurrent", "gla_step", "gpu_backend", "group_values", "select_kernels",
-           "ungroup_values"]
+__all__ = ["FOX_KERNEL_MIN_QUERIES", "RECURRENT_MAX_T", "fox_attend", "fox_form", "gla",
+           "gla_form", "gpu_backend", "select_kernels"]

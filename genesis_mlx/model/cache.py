@@ -212,7 +212,7 @@ class FoxCache(SequenceCache):
 
     def commit_token(self, keys, values, cumsum):
         """Takes the buffers back from a one-token step that wrote its token at row
-        ``offset`` (``kernels.fox_decode_step``)."""
+        ``offset`` (``cpu.fox.fox_decode_step``)."""
         self.set_buffers([keys, values, cumsum])
         self.offset += 1
 
@@ -322,6 +322,26 @@ class FoxCache(SequenceCache):
     def size(self) -> int:
         return self.offset
 
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedFoxCache":
+        """The same keys, values and running sums in a QuantizedFoxCache (mlx-lm's
+        ``--kv-bits`` asks every cache that can). A group size that does not divide
+        the head size is lowered to the largest of 128, 64 and 32 that does."""
+        quantized = QuantizedFoxCache(group_size, bits)
+        quantized.conv_state, quantized.left_padding = self.conv_state, self.left_padding
+        quantized.lengths, quantized.rows = self.lengths, self.rows
+        quantized.right_padding = self.right_padding
+        if self.cumsum is None:
+            return quantized
+        keys, values, cumsum = self.exact_rows()
+        if keys.shape[-1] % group_size:
+            quantized.group_size = quantization_group(keys.shape[-1], group_size)
+        quantized.store(keys, values, cumsum)
+        return quantized
+
+    def exact_rows(self) -> list:
+        """Keys, values and running sums of the written rows, as float arrays."""
+        return [each(lambda a: a[:, :, : self.offset], b) for b in self.buffers()]
+
     @property
     def nbytes(self) -> int:
         arrays = [self.conv_state, *self.buffers()]
@@ -348,10 +368,19 @@ def zero_rows(like: mx.array, batch: int, n: int) -> mx.array:
     return mx.zeros((batch, like.shape[1], n, *like.shape[3:]), like.dtype)
 
 
+def quantization_group(head_size: int, requested: int) -> int:
+    """The largest of 128, 64 and 32, at most ``requested``, dividing the head size."""
+    for size in (128, 64, 32):
+        if size <= requested and head_size % size == 0:
+            return size
+    raise ValueError(f"kv_group_size {requested}: no group size of 32, 64 or 128 up to it "
+                     f"divides the FoX head size ({head_size})")
+
+
 class QuantizedFoxCache(FoxCache):
-    """FoxCache with K and V stored as ``bits``-bit groups (mx.quantize triples), V
-    grouped by KV head ([B, Hkv, S, n_rep * D]: quantized matmuls read K and V with
-    the same heads); the running sum stays exact."""
+    """FoxCache with K and V stored as ``bits``-bit groups (mx.quantize triples), in
+    the exact cache's layout (K per KV head, V per query head); the running sum stays
+    exact."""
 
     def __init__(self, group_size: int = 64, bits: int = 8):
         super().__init__()
@@ -361,6 +390,21 @@ class QuantizedFoxCache(FoxCache):
         quantized = [mx.quantize(a, group_size=self.group_size, bits=self.bits)
                      for a in (keys, values)]
         return super().store(*quantized, cumsum)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4) -> "QuantizedFoxCache":
+        """Itself where it holds these bits already (mlx-lm asks again every step)."""
+        if self.cumsum is not None:
+            head_size = self.keys[0].shape[-1] * 32 // self.bits
+            if head_size % group_size:
+                group_size = quantization_group(head_size, group_size)
+        if (group_size, bits) == (self.group_size, self.bits):
+            return self
+        return super().to_quantized(group_size, bits)
+
+    def exact_rows(self) -> list:
+        keys, values, cumsum = super().exact_rows()
+        return [mx.dequantize(*a, group_size=self.group_size, bits=self.bits)
+                for a in (keys, values)] + [cumsum]
 
     def extract(self, idx: int) -> "QuantizedFoxCache":
         single = super().extract(idx)
@@ -383,9 +427,10 @@ class QuantizedFoxCache(FoxCache):
         FoxCache.state.fset(self, rest)
 
 
-# What make_cache's entries hold; saved chat sessions record it. 3: Genesis's own
-# cache classes (2: mlx-lm's KVCache with V per head; 1: V grouped with K).
-CACHE_LAYOUT = 3
+# What make_cache's entries hold; saved chat sessions record it. 4: Genesis's own
+# cache classes, quantized V per head (3: quantized V grouped by KV head; 2: mlx-lm's
+# KVCache with V per head; 1: V grouped with K).
+CACHE_LAYOUT = 4
 
 GENESIS_CACHES = (GLACache, TTTCache, FoxCache, QuantizedFoxCache)
 

@@ -24,10 +24,11 @@ from mlx_lm.models.base import BaseModelArgs
 
 from .. import kernels
 from ..checks import KV_BITS
-from ..fastmath import exp, sigmoid, silu_gate
+from ..forms import sigmoid, silu_gate
 from .cache import FoxCache, GLACache, QuantizedFoxCache, TTTCache, first_real
-from .decode import TokenDecoder, stacked_conv_weights
-from .ops import causal_depthwise_conv, l2_normalize, norm_gain, split_activated
+from . import decoding
+from .ops import (causal_depthwise_conv, l2_normalize, norm_gain, split_activated,
+                  stacked_conv_weights)
 from .rope import RotaryEmbedding
 
 
@@ -312,10 +313,10 @@ class GatedLinearAttention(nn.Module):
             beta = None
             if self.use_delta_rule and T >= self.chunk_size:
                 beta = sigmoid(self.b_proj(x).astype(mx.float32)).transpose(0, 2, 1)
-            out, _ = kernels.gla_prefill(q, k, v, log_g, self.scale, self.chunk_size, None, beta)
+            out, _ = kernels.gla(q, k, v, log_g, self.scale, self.chunk_size, None, beta)
         else:
-            out, cache.kv_state = kernels.gla_decode(q, k, v, log_g, self.scale,
-                                                     self.chunk_size, cache.kv_state)
+            out, cache.kv_state = kernels.gla(q, k, v, log_g, self.scale, self.chunk_size,
+                                              cache.kv_state, cached=True)
             n_real = T if mask is None else mask.sum(axis=1).astype(mx.int32)
             cache.conv_state, cache.positions = tail, start + n_real
 
@@ -349,17 +350,20 @@ class ForgettingAttention(nn.Module):
             self.k_conv = ShortConvolution(Hkv * self.head_dim, self.conv_size)
             self.v_conv = ShortConvolution(H * self.head_dim, self.conv_size)
 
-    def project(self, x, tail=None, mask=None):
+    def project(self, x, cache: Optional[FoxCache] = None, mask=None):
         """x -> q [B, H, T, D], k [B, Hkv, T, D], v [B, H, T, D], log forget gate
-        [B, H, T] (fp32), and the short convs' new tail."""
+        [B, H, T] (fp32); the short convs' tail goes through the cache."""
         B, T, _ = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if mask is not None:
             k, v = (mx.where(mask[..., None], a, 0) for a in (k, v))
         if self.pro:
+            tail = cache.conv_state if cache is not None else None
             (k, v), tail = causal_conv_with_tail(
                 [self.k_conv, self.v_conv], [k, v], tail, self.conv_size, mask)
+            if cache is not None:
+                cache.conv_state = tail
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
         k = k.reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
@@ -367,7 +371,7 @@ class ForgettingAttention(nn.Module):
         log_f = nn.log_sigmoid(self.fgate_proj(x).astype(mx.float32)).transpose(0, 2, 1)
         if mask is not None:
             log_f = mx.where(mask[:, None, :], log_f, 0.0)
-        return q, k, v, log_f, tail
+        return q, k, v, log_f
 
     def attend(self, q, k, v, log_f, cache: Optional[FoxCache] = None, mask=None):
         """Attention over the cached and new keys; updates the cache. -> [B, H, T, D]"""
@@ -379,11 +383,16 @@ class ForgettingAttention(nn.Module):
                                       training=self.training)
         if mask is not None and cache.empty():
             cache.pad_left(first_real(mask))
-        cumsum = cumsum + cache.last_cumsum()
         quantized = None
         if isinstance(cache, QuantizedFoxCache):
-            v = kernels.group_values(v, k.shape[1])
             quantized = (cache.group_size, cache.bits)
+        form, _ = kernels.fox_form(T, cached=True, training=self.training,
+                                   quantized=quantized is not None)
+        if form == "decode step" and not cache.empty():
+            from ..cpu.fox import attend_token
+
+            return attend_token(q, k, v, log_f, cache, self.scale)
+        cumsum = cumsum + cache.last_cumsum()
         k_all, v_all, cumsum_all = cache.store(k, v, cumsum)
         return kernels.fox_attend(q, k_all, v_all, cumsum, cumsum_all, self.scale,
                                   cache.left_padding, training=self.training, cached=True,
@@ -398,11 +407,7 @@ class ForgettingAttention(nn.Module):
         return self.o_proj(out.reshape(B, T, H * D))
 
     def __call__(self, x, cache: Optional[FoxCache] = None, mask=None):
-        q, k, v, log_f, tail = self.project(x, cache.conv_state if cache is not None else None,
-                                            mask)
-        if cache is not None:
-            cache.conv_state = tail
-        return self.output(self.attend(q, k, v, log_f, cache, mask), x)
+        return self.output(self.attend(*self.project(x, cache, mask), cache, mask), x)
 
 
 class SwiGLU(nn.Module):
@@ -448,7 +453,9 @@ class GenesisBlock(nn.Module):
         self.ffn = SwiGLU(args)
 
     def __call__(self, x, cache=None, mask=None):
-        x = x + self.attn(self.attn_norm(x), cache, mask)
+        return self.feed_forward(x + self.attn(self.attn_norm(x), cache, mask))
+
+    def feed_forward(self, x):
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -585,8 +592,18 @@ class Model(nn.Module):
         self.ln_f = Norm(args.n_embd, args.norm_eps)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
-        # The one-token fast path (a plain attribute: not part of the module tree).
-        self.token_decoder = TokenDecoder(self)
+
+    # The one-token path's compiled steps are derived state (model/decoding.py): kept
+    # out of copies and pickles, rebuilt on demand.
+    DERIVED = ("_token_steps",)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self.DERIVED}
+
+    def token_steps(self) -> decoding.TokenSteps:
+        if "_token_steps" not in self.__dict__:
+            self._token_steps = decoding.TokenSteps()
+        return self._token_steps
 
     @property
     def layers(self):
@@ -612,8 +629,8 @@ class Model(nn.Module):
         takes the logits of the last position only (``logits``)."""
         x = self.tok_emb(inputs)
         mask = self.token_mask(cache, pad_mask, x.shape[1])
-        if self.token_decoder.applies(x, cache, mask):
-            x = self.token_decoder(x, cache)
+        if decoding.applies(self, x, cache, mask):
+            x = self.token_steps()(self, x, cache)
         else:
             x = self.sequence(x, cache, mask)
         if cache is not None:

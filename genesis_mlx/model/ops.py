@@ -1,10 +1,9 @@
-"""Small operations that the modules (genesis.py) and the one-token path (decode.py)
-share."""
+"""Small operations of the modules (genesis.py)."""
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..fastmath import silu
+from ..forms import silu
 
 L2_EPS = 1e-6
 
@@ -51,3 +50,8 @@ def last_window_conv(window, weight_kc):
     (the K inputs it sees), weight [K, C]: one fused op, where a conv1d over a
     single position costs several times as much on the CPU."""
     return (window * weight_kc).sum(axis=1, keepdims=True)
+
+
+def stacked_conv_weights(convs) -> mx.array:
+    """Short convs' weights [C_i, K, 1] -> [K, sum C_i]."""
+    return mx.concatenate([c.weight_kc for c in convs], axis=1)

@@ -9,7 +9,31 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ...fastmath import softmax
+from ...forms import softmax
+
+
+def kv_heads(cached) -> int:
+    return (cached[0] if isinstance(cached, (list, tuple)) else cached).shape[1]
+
+
+def allowed_keys(Tq: int, Tk: int, key_start: Optional[mx.array],
+                 key_end: Optional[mx.array]) -> Optional[mx.array]:
+    """Which keys each query may see (broadcasts against the scores [B, H, Tq, Tk];
+    None: all). The queries are the last Tq keys before ``key_end`` (default Tk);
+    keys before ``key_start`` [B] are left padding, which a query sees only if it
+    is one itself."""
+    if key_end is None and Tq == 1 and key_start is None:
+        return None
+    keys = mx.arange(Tk)
+    if key_end is None:
+        rows = mx.arange(Tk - Tq, Tk)[:, None]
+    else:
+        rows = key_end - 1 if Tq == 1 else mx.arange(Tq)[:, None] + (key_end - Tq)
+    causal = None if key_end is None and Tq == 1 else keys <= rows
+    if key_start is None:
+        return causal
+    after_padding = (keys >= key_start.reshape(-1, 1, 1, 1)) | (keys == rows)
+    return after_padding if causal is None else causal & after_padding
 
 
 def fox_attention(q, k, v, cumsum_q, cumsum_k, scale: float,

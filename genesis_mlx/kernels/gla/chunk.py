@@ -5,7 +5,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ...fastmath import exp
+from ...forms import exp
 from .naive import causal_decay
 
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ...fastmath import exp
+from ...forms import exp
 
 
 def causal_decay(log_decay_cumsum: mx.array) -> mx.array:

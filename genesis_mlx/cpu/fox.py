@@ -1,11 +1,13 @@
-"""FoX attention arranged for MLX's CPU backend: the same math as ``naive`` and
-``cached``, laid out for how that backend runs it.
+"""FoX attention arranged for MLX's CPU backend: the math of
+``kernels.fox.naive.fox_attention``, laid out for how that backend runs it.
 
 - Long prefills: MLX's CPU backend runs each elementwise op on one thread and only
   the BLAS calls use every core, but every CPU stream has a thread of its own, so
   independent pieces of work put on different streams run at the same time. The
   queries are cut into row blocks (which also lets each block skip the keys after
   it), dealt out over one stream per core and joined.
+- A few queries against a cache: each head a matrix-vector product over the cache as
+  it is laid out (K per KV head, V per head), exact or quantized.
 - Decoding: one token against the cache's preallocated buffers as one compiled graph,
   whose shapes change only when the buffers grow, where the eager ops would be tens
   of graph nodes a layer, each costing the Python thread that builds and dispatches
@@ -14,12 +16,13 @@
 
 import functools
 import os
-from typing import List, Optional, Sequence
+import threading
+from typing import List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from .cached import fox_attention_grouped
-from .naive import fox_attention
+from ..kernels.fox.naive import allowed_keys, fox_attention, kv_heads
+from .fastmath import softmax
 
 # Below this many queries the pieces are too small to gain from the streams.
 MIN_PARALLEL_QUERIES = 256
@@ -71,12 +74,52 @@ def fox_attention_parallel(q, k, v, cumsum_q, cumsum_k, scale: float,
     return mx.concatenate(outputs, axis=2)
 
 
+def cache_product(x: mx.array, cached, transpose: bool,
+                  quantized: Optional[Tuple[int, int]]) -> mx.array:
+    """x @ cached (or @ cached^T), cached plain or an mx.quantize triple."""
+    if quantized is None:
+        y = cached.astype(mx.float32)
+        return x @ (y.swapaxes(-1, -2) if transpose else y)
+    group_size, bits = quantized
+    return mx.quantized_matmul(x, *cached, transpose=transpose, group_size=group_size,
+                               bits=bits)
+
+
+def fox_attention_grouped(q, k, v_cached, cumsum_q, cumsum_k, scale: float,
+                          key_start: Optional[mx.array] = None,
+                          quantized: Optional[Tuple[int, int]] = None,
+                          key_end: Optional[mx.array] = None) -> mx.array:
+    """``fox_attention`` for a few queries against a cache.
+
+    k: [B, Hkv, Tk, D]; v_cached: per head [B, H, Tk, D]. ``quantized=(group_size,
+    bits)``: k and v_cached are mx.quantize triples, multiplied without dequantizing.
+    ``key_end`` (an array): keys from it on are not written yet (a preallocated
+    buffer).
+    """
+    B, H, Tq, D = q.shape
+    Hkv = kv_heads(k)
+    Tk = cumsum_k.shape[-1]
+    n_rep = H // Hkv
+    # [B, Hkv, n_rep, Tq, D] @ [B, Hkv, 1, D, Tk]: a product per head against its
+    # group's K (broadcast, not copied). For one query each is a matrix-vector
+    # product, which the CPU's BLAS does without first copying K into a packed
+    # buffer, as it does for a [n_rep, D] x [D, Tk] product.
+    grouped_q = (q.astype(mx.float32) * scale).reshape(B, Hkv, n_rep, Tq, D)
+    k = tuple(a[:, :, None] for a in k) if quantized else k[:, :, None]
+    scores = cache_product(grouped_q, k, True, quantized).reshape(B, H, Tq, Tk)
+    scores = scores + (cumsum_q[..., None] - cumsum_k[..., None, :])
+    allowed = allowed_keys(Tq, Tk, key_start, key_end)
+    if allowed is not None:
+        scores = mx.where(allowed, scores, -mx.inf)
+    return cache_product(softmax(scores, axis=-1), v_cached, False, quantized)
+
+
 def fox_decode_step(q, k, v, log_f, keys, values, cumsums, offset, key_start, scale):
     """One decoding token against a FoX cache's buffers, for one compiled graph
     (``mx.compile(fox_decode_step)``, which the caller owns): writes k, v and the
     forget gates' running sum at row ``offset`` (in place where the buffers are not
     shared) and attends over every row, those past the token masked
-    (``cached.fox_attention_grouped`` with ``key_end``). Its shapes change only when
+    (``fox_attention_grouped`` with ``key_end``). Its shapes change only when
     the buffers grow, so it is traced once per buffer size, for all FoX layers.
 
     q, v [B, H, 1, D]; k [B, Hkv, 1, D]; log_f [B, H, 1]; keys [B, Hkv, S, D];
@@ -92,3 +135,27 @@ def fox_decode_step(q, k, v, log_f, keys, values, cumsums, offset, key_start, sc
     out = fox_attention_grouped(q, keys, values, cumsum, cumsums, scale, key_start,
                                 key_end=offset + 1)
     return out, keys, values, cumsums
+
+
+class Compiled(threading.local):
+    """``fox_decode_step`` compiled once per thread (see ``fastmath.Compiled``)."""
+
+    def __init__(self):
+        self.decode_step = mx.compile(fox_decode_step)
+
+
+COMPILED = Compiled()
+
+
+def attend_token(q, k, v, log_f, cache, scale: float) -> mx.array:
+    """One token against an exact FoX cache that holds tokens: the compiled
+    ``fox_decode_step`` on the cache's buffers, which take the token."""
+    cache.reserve(1)
+    key_start = cache.left_padding
+    if key_start is None:  # an array made here, not a graph node
+        key_start = mx.array([0] * q.shape[0], mx.int32)
+    out, keys, values, cumsum = COMPILED.decode_step(
+        q, k, v, log_f, cache.keys, cache.values, cache.cumsum,
+        mx.array([cache.offset], mx.int32), key_start, scale)
+    cache.commit_token(keys, values, cumsum)
+    return out
