@@ -405,3 +405,33 @@ def test_chat_session_of_an_older_cache_layout_is_refused(demo_model, tmp_path):
     save_prompt_cache(str(tmp_path / "old.safetensors"), cache, meta)
     with pytest.raises(GenesisError, match="older genesis-mlx.*new session"):
         ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0)).load(str(tmp_path / "old"))
+
+
+@pytest.mark.parametrize("variable,value,needle", [
+    ("GENESIS_MLX_FORMS", "fast", "use gpu"), ("GENESIS_MLX_KERNELS", "metal", "auto, off, emulate")])
+def test_a_wrong_setting_is_one_line_before_any_work(demo_model, variable, value, needle):
+    model_dir, _ = demo_model
+    env = dict(os.environ, **{variable: value})
+    result = subprocess.run([sys.executable, "-m", "genesis_mlx", "generate", "--model",
+                             str(model_dir), "--prompt", "hi", "--max-tokens", "2"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{variable}={value}" in lines[0] and needle in lines[0]
+    assert result.stdout == ""
+
+
+def test_the_gpu_forms_generate_what_the_cpu_forms_do(demo_model):
+    """GENESIS_MLX_FORMS=gpu: the model on the CPU takes the forms it takes on a GPU;
+    greedy text is the same as with the CPU's own forms."""
+    model_dir, _ = demo_model
+    texts = []
+    for forms in ("gpu", "cpu"):
+        env = dict(os.environ, GENESIS_MLX_FORMS=forms)
+        result = subprocess.run([sys.executable, "-m", "genesis_mlx", "generate", "--model",
+                                 str(model_dir), "--prompt", "The sky", "--temp", "0",
+                                 "--max-tokens", "12"],
+                                capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr
+        texts.append(result.stdout)
+    assert texts[0] == texts[1] and texts[0].strip()

@@ -33,6 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_environment():
+    """The GENESIS_MLX_* settings that choose how the model computes, before any work."""
+    from ..forms import setting
+    from ..kernels.backend import environment_setting
+
+    setting()
+    environment_setting()
+
+
 def main(argv=None) -> int:
     if argv is None:
         from ..cpu.blas import reexec_with_openblas
@@ -40,6 +49,7 @@ def main(argv=None) -> int:
         reexec_with_openblas(sys.argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        check_environment()
         return args.run(args) or 0
     except GenesisError as e:
         print(f"genesis-mlx {args.command}: error: {e}", file=sys.stderr)

@@ -48,4 +48,16 @@ def gpu_backend() -> Optional[str]:
     return device_gpu()
 
 
-select_kernels(os.environ.get(ENV_VARIABLE, "auto").lower() or "auto")
+def environment_setting() -> str:
+    """GENESIS_MLX_KERNELS, checked (the CLI says a wrong one in one line)."""
+    value = os.environ.get(ENV_VARIABLE, "auto").strip().lower() or "auto"
+    if value not in CHOICES:
+        from ..errors import GenesisError
+
+        raise GenesisError(f"{ENV_VARIABLE}={value}: choose one of {', '.join(CHOICES)}")
+    return value
+
+
+_choice = os.environ.get(ENV_VARIABLE, "auto").strip().lower() or "auto"
+if _choice not in CHOICES:  # said by environment_setting() where the CLI starts
+    _choice = "auto"
