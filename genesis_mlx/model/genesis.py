@@ -388,7 +388,7 @@ class ForgettingAttention(nn.Module):
             quantized = (cache.group_size, cache.bits)
         form, _ = kernels.fox_form(T, cached=True, training=self.training,
                                    quantized=quantized is not None)
-        if form == "decode step" and not cache.empty():
+        if form == "decode step" and mask is None and not cache.empty():
             from ..cpu.fox import attend_token
 
             return attend_token(q, k, v, log_f, cache, self.scale)
