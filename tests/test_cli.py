@@ -211,6 +211,8 @@ def test_long_prompt_is_truncated_from_the_left_with_a_warning(demo_model):
                  "--ignore-chat-template", "--max-tokens", "2")
     assert result.returncode == 0, result.stderr.decode()
     assert b"keeping the last 2048" in result.stderr
+    # transformers' own warning (the tokenizer's model_max_length) would say it fails
+    assert b"Token indices sequence length" not in result.stderr, result.stderr.decode()
 
 
 class Terminal:
@@ -405,3 +407,14 @@ def test_chat_session_of_an_older_cache_layout_is_refused(demo_model, tmp_path):
     save_prompt_cache(str(tmp_path / "old.safetensors"), cache, meta)
     with pytest.raises(GenesisError, match="older genesis-mlx.*new session"):
         ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0)).load(str(tmp_path / "old"))
+
+
+def test_demo_without_dir_says_its_files_are_deleted_and_how_to_keep_them(tokenizer_path):
+    result = cli("demo", "--tokenizer", tokenizer_path, "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    converted = [l for l in out.splitlines() if l.startswith("[demo] converted to ")]
+    model_dir = converted[0].removeprefix("[demo] converted to ")
+    assert not os.path.exists(model_dir)
+    last = out.strip().splitlines()[-1]
+    assert "deleted" in last and "--dir DIR" in last and "chat --model DIR/genesis-demo-mlx" in last
