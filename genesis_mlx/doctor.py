@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-DEFAULT_REPORT = "genesis-mlx-doctor.json"
 
-
-def run_doctor(report_path: str, quick: bool) -> int:
-    """Runs every check, prints what it finds, writes the JSON report; 0 if all
-    passed, else 1."""
+def run_doctor(report_path: Optional[str], quick: bool) -> int:
+    """Runs every check, prints what it finds, writes the JSON report to
+    ``report_path`` (None: nowhere); 0 if all passed, else 1."""
     report = {"system": system_report()}
     print_system(report["system"])
     report["memory_bandwidth_gb_s"] = memory_bandwidth(quick)
@@ -37,12 +35,17 @@ def run_doctor(report_path: str, quick: bool) -> int:
     report["paths"] = paths_report()
     failed = failures(report)
     report["ok"] = not failed
-    Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
+    if report_path is not None:
+        Path(report_path).write_text(json.dumps(report, indent=2) + "\n")
     if failed:
-        print(f"doctor: {len(failed)} check(s) failed ({'; '.join(failed)}); please attach "
-              f"{report_path} to a bug report")
+        attach = (f"attach {report_path}" if report_path is not None else
+                  "run again with --json PATH and attach that report")
+        print(f"doctor: {len(failed)} check(s) failed ({'; '.join(failed)}); please {attach} "
+              "to a bug report")
         return 1
-    print(f"doctor: all checks passed; report written to {report_path}")
+    written = (f"report written to {report_path}" if report_path is not None else
+               "--json PATH writes a report")
+    print(f"doctor: all checks passed; {written}")
     return 0
 
 

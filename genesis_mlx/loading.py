@@ -58,11 +58,12 @@ def is_current(directory: Path) -> bool:
 
 
 def convert_once(checkpoint: Path, tokenizer: Optional[str], revision: Optional[str] = None,
-                 dtype: Optional[str] = None) -> Path:
+                 repo_id: Optional[str] = None, dtype: Optional[str] = None) -> Path:
     dtype = dtype or device_dtype()
     target = converted_cache_dir(checkpoint, revision, dtype)
     if not is_current(target):
-        convert(str(checkpoint), str(target), dtype, tokenizer=tokenizer, force=True)
+        convert(str(checkpoint), str(target), dtype, tokenizer=tokenizer, force=True,
+                revision=revision, repo_id=repo_id)
     return target
 
 
@@ -97,13 +98,18 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None,
     repo_dir = download_repo(src, revision=revision)
     if is_converted(repo_dir):
         return repo_dir
-    return convert_once(find_checkpoint_file(repo_dir), tokenizer, revision, dtype)
+    return convert_once(find_checkpoint_file(repo_dir), tokenizer, revision, src, dtype)
 
 
 def get_classes(config: dict):
     if config.get("model_type") != "genesis":
         raise GenesisError(f"config.json has model_type {config.get('model_type')!r}, not 'genesis'")
     return Model, ModelArgs
+
+
+# transformers' warning, once per tokenizer, about a text longer than its
+# model_max_length (the model's context): "will result in indexing errors".
+TOO_LONG_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
 
 
 def load_quietly(model_dir: Path, eos_token_ids) -> TokenizerWrapper:
@@ -113,9 +119,12 @@ def load_quietly(model_dir: Path, eos_token_ids) -> TokenizerWrapper:
     previous = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        return load_tokenizer(model_dir, eos_token_ids=eos_token_ids)
+        tokenizer = load_tokenizer(model_dir, eos_token_ids=eos_token_ids)
     finally:
         logging.set_verbosity(previous)
+    # Not so here: generate keeps a long prompt's last block_size tokens, saying so.
+    tokenizer.deprecation_warnings[TOO_LONG_WARNING] = True
+    return tokenizer
 
 
 def has_tokenizer(model_dir: Path) -> bool:
@@ -135,7 +144,7 @@ def load_model_tokenizer(model_dir: Path, config: dict, tokenizer: Optional[str]
             "GPT-NeoX tokenizer.json (or set GENESIS_MLX_TOKENIZER), or convert the "
             "checkpoint again with one"
         )
-    tok = build_model_tokenizer(source, config["vocab_size"])
+    tok = build_model_tokenizer(source, config["vocab_size"], config["block_size"])
     with tempfile.TemporaryDirectory() as staging:
         tok.save_pretrained(staging)
         return load_quietly(Path(staging), stop_token_ids(tok))

@@ -40,7 +40,7 @@ MODEL = Layout(
     ("config.json", "genesis.py", "model*.safetensors", "model.safetensors.index.json",
      "tokenizer.json",
      "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-     "chat_template.jinja", "chat_template.json", "generation_config.json"),
+     "chat_template.jinja", "chat_template.json", "generation_config.json", "README.md"),
     "model*.safetensors",
 )
 ADAPTERS = Layout(

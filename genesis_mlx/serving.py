@@ -86,9 +86,6 @@ def server_classes(names: Iterable[str], started: list) -> dict:
     class ModelProvider(server.ModelProvider):
         def __init__(self, cli_args):
             super().__init__(cli_args)
-            for name in served:
-                self._model_map[name] = cli_args.model
-                self._adapter_map[name] = cli_args.adapter_path
             try:
                 self.load(DEFAULT_MODEL)
             except Exception as e:
@@ -102,23 +99,22 @@ def server_classes(names: Iterable[str], started: list) -> dict:
                                  f"serves {self.cli_args.model} (or ask for {DEFAULT_MODEL!r})")
             if draft_model_path not in (None, DEFAULT_MODEL):
                 raise ValueError("draft models are not supported by genesis-mlx serve")
+            # Every name of the served model is mlx-lm's default model (its adapters too).
             with quiet_transformers():
-                return super().load(model_path, adapter_path, draft_model_path)
+                return super().load(DEFAULT_MODEL, adapter_path, draft_model_path)
 
     class ResponseGenerator(server.ResponseGenerator):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             started.append(self)
 
-        def _tokenize(self, tokenizer, request, args):
-            tokenized = super()._tokenize(tokenizer, request, args)
-            # mlx-lm's batch refuses an empty prompt by raising in its generation thread.
-            if not tokenized[0]:
-                raise ValueError("the prompt is empty")
-            return tokenized
-
         def generate(self, request, generation_args, progress_callback=None):
             check_sampling(generation_args, self.model_provider.vocab_size)
+            # mlx-lm's batch refuses an empty prompt by raising in its generation thread.
+            # A chat prompt never is one (the template writes a system turn), nor is
+            # text of at least one character (GPT-NeoX's BPE encodes every byte).
+            if request.request_type == "text" and not request.prompt:
+                raise ValueError("the prompt is empty")
             return super().generate(request, generation_args, progress_callback)
 
     class LRUPromptCache(server.LRUPromptCache):

@@ -8,7 +8,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-SHARED_TOKENIZER = Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox/tokenizer.json"
+# GENESIS_MLX_TEST_TOKENIZER names it elsewhere (say, for the tests of an unpacked sdist).
+SHARED_TOKENIZER = Path(os.environ.get("GENESIS_MLX_TEST_TOKENIZER") or
+                        Path(__file__).resolve().parents[2] / "shared/tokenizers/gpt-neox/tokenizer.json")
 
 
 # GQA 4:2 with FoX last; no GQA with FoX every other layer; GQA 6:2 (as the real
@@ -57,10 +59,40 @@ def small_tokenizer(path):
     return str(path)
 
 
+def assert_ready_to_publish(directory, *local_paths):
+    """A model directory as the Hub and other tools want it: a model card with the
+    Hub's front matter and how to run it with genesis-mlx and with mlx-lm's tools, a
+    generation config whose stop tokens end a chat turn, and none of ``local_paths``
+    (nor their parents two levels below / or deeper) in any of its files."""
+    import json
+
+    from huggingface_hub import ModelCard
+
+    directory = Path(directory)
+    card = ModelCard.load(directory / "README.md")
+    assert card.data.library_name == "mlx" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license and {"mlx", "genesis-mlx", "custom_code"} <= set(card.data.tags)
+    name = directory.name
+    for usage in (f"genesis-mlx generate --model {name}",
+                  f"mlx_lm.generate --model {name} --trust-remote-code"):
+        assert usage in card.text, usage
+    generation = json.loads((directory / "generation_config.json").read_text())
+    assert sorted(generation["eos_token_id"]) == [0, 50278]  # <|endoftext|>, <|im_end|>
+    paths = {str(q) for p in local_paths for q in [Path(p), *Path(p).parents]
+             if len(q.parts) > 2}
+    for file in directory.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            found = [p for p in paths if p.encode() in data]
+            assert not found, f"{file.name} holds {found}"
+    return card
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path():
     if not SHARED_TOKENIZER.is_file():
-        pytest.fail(f"the offline GPT-NeoX tokenizer is missing: {SHARED_TOKENIZER}")
+        pytest.fail(f"the offline GPT-NeoX tokenizer is missing: {SHARED_TOKENIZER} (set "
+                    "GENESIS_MLX_TEST_TOKENIZER to its tokenizer.json)")
     return str(SHARED_TOKENIZER)
 
 

@@ -211,6 +211,8 @@ def test_long_prompt_is_truncated_from_the_left_with_a_warning(demo_model):
                  "--ignore-chat-template", "--max-tokens", "2")
     assert result.returncode == 0, result.stderr.decode()
     assert b"keeping the last 2048" in result.stderr
+    # transformers' own warning (the tokenizer's model_max_length) would say it fails
+    assert b"Token indices sequence length" not in result.stderr, result.stderr.decode()
 
 
 class Terminal:
@@ -435,3 +437,14 @@ def test_the_gpu_forms_generate_what_the_cpu_forms_do(demo_model):
         assert result.returncode == 0, result.stderr
         texts.append(result.stdout)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_demo_without_dir_says_its_files_are_deleted_and_how_to_keep_them(tokenizer_path):
+    result = cli("demo", "--tokenizer", tokenizer_path, "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    converted = [l for l in out.splitlines() if l.startswith("[demo] converted to ")]
+    model_dir = converted[0].removeprefix("[demo] converted to ")
+    assert not os.path.exists(model_dir)
+    last = out.strip().splitlines()[-1]
+    assert "deleted" in last and "--dir DIR" in last and "chat --model DIR/genesis-demo-mlx" in last

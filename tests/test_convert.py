@@ -286,8 +286,8 @@ def test_force_replaces_only_the_files_of_a_model(demo_checkpoint, tokenizer_pat
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "genesis.py", "model.safetensors", "model.safetensors.index.json",
-        "notes.txt", "tokenizer.json", "tokenizer_config.json"]
+        "README.md", "config.json", "generation_config.json", "genesis.py", "model.safetensors",
+        "model.safetensors.index.json", "notes.txt", "tokenizer.json", "tokenizer_config.json"]
     assert "quantization" in json.loads((out / "config.json").read_text())
     load(str(out))
 

@@ -82,3 +82,11 @@ def test_doctor_reports_a_kernel_that_does_not_compile(tmp_path, inject_fault, c
     out, err = capsys.readouterr()
     assert "check(s) failed" in out and str(path) in out
     assert len([line for line in err.splitlines() if "genesis-mlx doctor" in line]) == 1
+
+
+def test_doctor_writes_a_report_only_where_json_says(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "genesis_mlx", "doctor", "--quick"],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert result.stdout.strip().endswith("--json PATH writes a report")

@@ -1,6 +1,7 @@
 """genesis-mlx lora / fuse on a tiny model with the real tokenizer."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import logits_tolerance, small_tokenizer
+from conftest import assert_ready_to_publish, logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -66,7 +67,24 @@ def trained(tmp_path_factory, tokenizer_path):
     assert result.returncode == 0, result.stderr[-2000:]
     progress = [l for l in result.stdout.splitlines() if l.startswith("[genesis-mlx] iter 30:")]
     assert progress and "tok/s" in progress[0] and "peak memory" in progress[0], result.stdout[-800:]
+    (work / "lora.stdout").write_text(result.stdout)
+    (work / "lora.stderr").write_text(result.stderr)
     return model_dir, work / "adapters", data, work
+
+
+def test_each_report_is_printed_once_numbered_as_the_log(trained):
+    """Output to a file (not a terminal): no escape codes, no second display (mlx-lm's
+    table), and the screen's iterations are the log's: validation before the first
+    step (0) and before the last (29), training after steps 10, 20 and 30."""
+    _, adapters, _, work = trained
+    out, err = (work / "lora.stdout").read_text(), (work / "lora.stderr").read_text()
+    assert "\x1b" not in out + err
+    assert "train_loss" not in out, out  # the header of mlx-lm's table
+    printed = re.findall(r"^\[genesis-mlx\] iter (\d+): (train|val) loss", out, re.MULTILINE)
+    log = [json.loads(line) for line in (adapters / "train_log.jsonl").read_text().splitlines()]
+    logged = [(str(r["iteration"]), "val" if "val_loss" in r else "train") for r in log]
+    assert printed == logged == [("0", "val"), ("10", "train"), ("20", "train"), ("29", "val"),
+                                 ("30", "train")]
 
 
 def test_training_lowers_validation_loss(trained):
@@ -153,6 +171,8 @@ def test_fused_model_equals_base_plus_adapter(trained, tmp_path):
     assert np.abs(np.array(fused(ids)) - want).max() <= logits_tolerance(want)
     base, _ = g.load(str(model_dir))
     assert np.abs(np.array(base(ids)) - want).max() > 1e-3, "the adapters changed nothing"
+    card = assert_ready_to_publish(tmp_path / "fused", tmp_path, model_dir, adapters)
+    assert "with LoRA adapters fused into its weights" in card.text
 
 
 def test_generate_and_chat_accept_adapters(trained):

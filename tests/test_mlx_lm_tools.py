@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import logits_tolerance
+from conftest import assert_ready_to_publish, logits_tolerance
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -61,12 +61,18 @@ def ours(model_dir):
     return g.load(str(model_dir))
 
 
-def mlx_lm(*args, stdin=None, timeout=300, module="mlx_lm"):
-    """One mlx-lm tool in its own process, as a user runs it."""
+# What transformers says of a model type it does not know (the model file tells it ours).
+UNKNOWN_MODEL_TYPE = "to instantiate a model of type"
+
+
+def mlx_lm(*args, stdin=None, timeout=300, module="mlx_lm", env=None):
+    """One mlx-lm tool in its own process, as a user runs it (``module="genesis_mlx"``
+    with args "lm", TOOL, ...: through genesis-mlx lm)."""
     result = subprocess.run([sys.executable, "-m", module, *map(str, args), "--trust-remote-code"],
                             input=stdin, capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, **OFFLINE))
+                            env=dict(os.environ, **OFFLINE, **(env or {})))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert UNKNOWN_MODEL_TYPE not in result.stderr, result.stderr[-3000:]
     return result.stdout
 
 
@@ -106,6 +112,34 @@ def test_chat_two_turns_then_quit(model_dir, ours):
     assert out.count("8 tokens") == 2 and "bye" in out, out[-1500:]
 
 
+def test_genesis_mlx_lm_runs_them_with_the_fast_blas(model_dir, work):
+    """``genesis-mlx lm TOOL`` is ``mlx_lm TOOL`` in a process with the CLI's BLAS
+    preload (Linux, OpenBLAS and a C compiler: CI has them, test_blas.py requires
+    them). Seen from inside: a copy of the model directory whose model file also
+    prints what the process preloaded (mlx-lm runs it; serve would not)."""
+    import shutil
+
+    probe = shutil.copytree(model_dir, work / "blas_probe")
+    with open(probe / "genesis.py", "a") as f:
+        # (numpy's wheels bundle an OpenBLAS of their own: the preload is told apart
+        # by LD_PRELOAD, the forwarding by its library)
+        f.write("import os\nmaps = open('/proc/self/maps').read()\n"
+                "print('blas:', 'openblas' in os.environ.get('LD_PRELOAD', ''), "
+                "'gemv_forward-' in maps, file=sys.stderr)\n")
+
+    def blas(*runner):
+        result = subprocess.run(
+            [sys.executable, "-m", *runner, "generate", "--model", str(probe),
+             "--trust-remote-code", "--prompt", "Hi", "--max-tokens", "4", "--temp", "0"],
+            capture_output=True, text=True, timeout=300, env=dict(os.environ, **OFFLINE))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "==========" in result.stdout, result.stdout
+        return [line for line in result.stderr.splitlines() if line.startswith("blas:")]
+
+    assert blas("mlx_lm") == ["blas: False False"]
+    assert blas("genesis_mlx", "lm") == ["blas: True True"], "apt install libopenblas0-pthread"
+
+
 # --- lora + fuse ---
 
 def write_text_data(directory, records):
@@ -123,6 +157,7 @@ def test_lora_then_fuse_equals_base_plus_adapter(model_dir, work):
            "--batch-size", 2, "--learning-rate", "1e-4", "--num-layers", 4,
            "--adapter-path", adapters, "--steps-per-eval", 100, "--val-batches", 1)
     mlx_lm("fuse", "--model", model_dir, "--adapter-path", adapters, "--save-path", fused_dir)
+    assert_ready_to_publish(fused_dir, work, adapters)  # the Genesis card, not mlx-lm's
 
     base, _ = g.load(str(model_dir))
     adapted, _ = g.load(str(model_dir), adapter_path=str(adapters))
@@ -153,6 +188,8 @@ def test_convert_q_in_both_tools_gives_the_same_quantized_model(model_dir, check
     theirs_dir = work / "q_mlx_lm"
     mlx_lm("convert", "--hf-path", model_dir, "--mlx-path", theirs_dir, "-q",
            "--q-group-size", 32)
+    card = assert_ready_to_publish(theirs_dir, work, checkpoint, tokenizer_path)
+    assert "quantized to 4 bits (group size 32)" in card.text
     ours_dir = convert(str(checkpoint), str(work / "q_genesis"), quantize_model=True,
                        tokenizer=tokenizer_path)
     ids = mx.array([[5, 17, 300, 2000, 42]])
@@ -204,8 +241,8 @@ def test_prompt_cache_file_continues_as_the_whole_prompt(model_dir, ours, work):
 
     # mlx-lm reads the file before the model that registers Genesis's cache classes
     args = ["--model", model_dir, "--max-tokens", 12, "--temp", 0, "--verbose", "False"]
-    with_file = mlx_lm("generate", *args, "--prompt", query, "--prompt-cache-file", cache_file,
-                       module="genesis_mlx.mlx_lm_cli")
+    with_file = mlx_lm("lm", "generate", *args, "--prompt", query, "--prompt-cache-file",
+                       cache_file, module="genesis_mlx")
     assert with_file == mlx_lm("generate", *args, "--prompt", prefix_text + query)
 
 

@@ -7,18 +7,25 @@ from .generate import add_revision_argument
 def add_arguments(p):
     p.add_argument("--model", default="random",
                    help="'random' (a random-weight model of the real shape, offline) or a "
-                        "reference checkpoint (.safetensors, directory or Hub id)")
+                        "reference checkpoint (.safetensors, directory or Hub id) "
+                        "(default: %(default)s)")
     add_revision_argument(p)
-    p.add_argument("--prompt-lengths", default="128,512,2048")
-    p.add_argument("--gen", type=int, default=128, help="tokens generated per measurement")
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--prompt-lengths", default="128,512,2048",
+                   help="comma list of prompt lengths, in tokens (default: %(default)s)")
+    p.add_argument("--gen", type=int, default=128,
+                   help="tokens generated per measurement (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="interleaved rounds of every implementation and length; min and "
+                        "median reported (default: %(default)s)")
     p.add_argument("--compare", default="genesis-mlx-kv8,reference,mlx-lm",
                    help="comma list of: genesis-mlx-kv8 (this port with 8-bit FoX K/V), "
-                        "reference (genesis-llm, torch), mlx-lm (same-size Llama)")
+                        "reference (genesis-llm, torch), mlx-lm (same-size Llama); "
+                        "genesis-mlx itself always runs (default: %(default)s)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="the MLX rows' weights (default: bfloat16 on a GPU, float32 on the "
                         "CPU; the reference always runs in float32, as its users run it)")
-    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--json", default=None,
+                   help="write the report as JSON here (default: printed only)")
 
 
 def run(args):

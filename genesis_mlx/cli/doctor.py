@@ -1,11 +1,12 @@
 """genesis-mlx doctor (the checks: genesis_mlx/doctor.py)."""
 
-from ..doctor import DEFAULT_REPORT, run_doctor
+from ..doctor import run_doctor
 
 
 def add_arguments(p):
-    p.add_argument("--json", metavar="PATH", default=DEFAULT_REPORT,
-                   help=f"where to write the report (default: ./{DEFAULT_REPORT})")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write the report, for bug reports, to this JSON file (default: "
+                        "none written)")
     p.add_argument("--quick", action="store_true",
                    help="shorter sequences and fewer timing runs (CI)")
 

@@ -4,12 +4,15 @@ from .generate import TOKENIZER_HELP, add_revision_argument
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="the base model the adapters were trained on")
+    p.add_argument("--model", required=True,
+                   help="the base model the adapters were trained on (required)")
     add_revision_argument(p)
-    p.add_argument("--adapter-path", required=True)
-    p.add_argument("--save-path", required=True, help="output directory")
+    p.add_argument("--adapter-path", required=True,
+                   help="the adapters, as genesis-mlx lora wrote them (required)")
+    p.add_argument("--save-path", required=True,
+                   help="output directory of the fused model (required)")
     p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP + "; the fused model "
-                   "gets it")
+                   "gets it (default: the model's own)")
     p.add_argument("--force", action="store_true",
                    help="replace the model already in --save-path (files genesis-mlx did not "
                         "write are kept; a directory of other files is refused)")

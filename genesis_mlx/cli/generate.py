@@ -3,6 +3,7 @@ import sys
 from ..checks import check_kv_bits
 from ..conversion.checkpoint import DEFAULT_REPO
 from ..conversion.convert import DTYPES
+from ..conversion.tokenizer import DEFAULT_SYSTEM_PROMPT
 from ..errors import GenesisError
 from ..generation.generate import (
     DEFAULT_REPETITION_PENALTY, DEFAULT_TEMP, DEFAULT_TOP_K, DEFAULT_TOP_P, SamplingOptions,
@@ -31,36 +32,58 @@ def add_dtype_argument(p):
 
 def add_model_arguments(p):
     p.add_argument("--model", default=DEFAULT_REPO,
-                   help="Hub repo id, converted model directory or reference .safetensors")
+                   help="Hub repo id, converted model directory or reference .safetensors "
+                        "(default: %(default)s)")
     add_revision_argument(p)
     add_dtype_argument(p)
-    p.add_argument("--adapter-path", default=None, help="LoRA adapter directory")
-    p.add_argument("--tokenizer", default=None, help=TOKENIZER_HELP)
+    p.add_argument("--adapter-path", default=None,
+                   help="LoRA adapter directory, as genesis-mlx lora writes it "
+                        "(default: none)")
+    p.add_argument("--tokenizer", default=None,
+                   help=TOKENIZER_HELP + " (default: the model's own)")
     p.add_argument("--ttt", choices=["on", "off"], default="on",
-                   help="test-time training while decoding (default on)")
+                   help="test-time training while decoding; off: as the reference's own "
+                        "generate (default: %(default)s)")
     p.add_argument("--kv-bits", type=int, default=None,
                    help="store the FoX layers' K/V quantized to 4 or 8 bits (less memory, "
-                        "small logit error; default exact)")
+                        "small logit error; default: exact)")
 
 
 def add_sampling_arguments(p):
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P)
-    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY)
-    p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1 (default: random)")
-    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--max-tokens", "-m", type=int, default=256,
+                   help="the most tokens to generate; -1 for no limit (until the model "
+                        "ends its answer) (default: %(default)s)")
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP,
+                   help="sampling temperature; 0 is greedy (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P,
+                   help="nucleus sampling: the smallest set of tokens of this total "
+                        "probability; 1 keeps all (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K,
+                   help="sample among this many most likely tokens; 0 keeps all "
+                        "(default: %(default)s)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the likeliest one's "
+                        "probability; 0 keeps all (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=DEFAULT_REPETITION_PENALTY,
+                   help="penalty on every token already in the sequence (its logit "
+                        "divided by it, or multiplied if negative); 1 is none "
+                        "(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, 0 to 2**64-1 (default: a random one)")
+    p.add_argument("--system-prompt", default=None,
+                   help=f"the system turn of the chat template (default: "
+                        f"{DEFAULT_SYSTEM_PROMPT!r})")
 
 
 def add_arguments(p):
     add_model_arguments(p)
-    p.add_argument("--prompt", "-p", default=None, help="the prompt, or - to read stdin")
+    p.add_argument("--prompt", "-p", default=None,
+                   help="the prompt, or - to read it from stdin (required)")
     add_sampling_arguments(p)
     p.add_argument("--ignore-chat-template", action="store_true",
-                   help="feed the prompt as plain text")
-    p.add_argument("--verbose", action="store_true", help="print speed and memory")
+                   help="feed the prompt as plain text, without the chat template")
+    p.add_argument("--verbose", action="store_true",
+                   help="print speed and memory after the text")
 
 
 def sampling_from(args) -> SamplingOptions:

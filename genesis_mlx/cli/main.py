@@ -17,14 +17,20 @@ COMMANDS = {
     "bench": ("bench", "speed and memory against the reference and mlx-lm"),
     "info": ("info", "what this machine runs: MLX device, BLAS, versions"),
     "doctor": ("doctor", "check the GPU kernels on this machine; a report for bug reports"),
+    "lm": ("lm", "run one of mlx-lm's tools (mlx_lm TOOL ...), with the fast BLAS"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
-        prog="genesis-mlx", description="Genesis-152M on MLX: convert, generate, chat."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        prog="genesis-mlx",
+        description="Genesis-152M (GLA + FoX + TTT hybrid) on MLX. 'genesis-mlx COMMAND "
+                    "--help' describes a command's options.")
+    parser.add_argument("--version", action="version", version=f"genesis-mlx {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
     for name, (module, help_text) in COMMANDS.items():
         command = importlib.import_module(f"genesis_mlx.cli.{module}")
         p = sub.add_parser(name, help=help_text, description=help_text)

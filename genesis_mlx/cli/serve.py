@@ -14,35 +14,41 @@ LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 PASSED_ON = [
     ("--max-tokens", int, "default max_tokens of a request (mlx-lm's default: 512)"),
     ("--temp", float, "default temperature (mlx-lm's default: 0, greedy)"),
-    ("--top-p", float, "default top_p"),
-    ("--top-k", int, "default top_k"),
-    ("--min-p", float, "default min_p"),
+    ("--top-p", float, "default top_p of a request (mlx-lm's default: 1, all tokens)"),
+    ("--top-k", int, "default top_k of a request (mlx-lm's default: 0, all tokens)"),
+    ("--min-p", float, "default min_p of a request (mlx-lm's default: 0, all tokens)"),
     ("--decode-concurrency", int, "requests decoded together (mlx-lm's default: 32)"),
     ("--prompt-concurrency", int, "prompts read together (mlx-lm's default: 8)"),
     ("--prompt-cache-size", int, "prompt caches kept for reuse (mlx-lm's default: 10)"),
-    ("--prompt-cache-bytes", str, "memory cap of the kept prompt caches, e.g. 2GB"),
-    ("--adapter-path", str, "LoRA adapters to serve the model with"),
+    ("--prompt-cache-bytes", str, "memory cap of the kept prompt caches, e.g. 2GB "
+                                  "(mlx-lm's default: none)"),
+    ("--adapter-path", str, "LoRA adapters to serve the model with (default: none)"),
     ("--allowed-origins", str, "CORS origins, comma separated (mlx-lm's default: *)"),
-    ("--chat-template-args", str, "JSON for the chat template, e.g. '{\"key\": 1}'"),
+    ("--chat-template-args", str, "JSON for the chat template, e.g. '{\"key\": 1}' "
+                                  "(default: none)"),
 ]
 POSITIVE = ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size")
 
 
 def add_arguments(p):
     p.add_argument("--model", required=True,
-                   help="Hub repo id, converted model directory or reference .safetensors")
+                   help="Hub repo id, converted model directory or reference .safetensors "
+                        "(required)")
     add_revision_argument(p)
     p.add_argument("--tokenizer", default=None,
-                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline")
+                   help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline "
+                        "(default: the model's own)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8080, help="(default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080,
+                   help="port to listen on (default: %(default)s)")
     for flag, kind, text in PASSED_ON:
         p.add_argument(flag, type=kind, default=None, help=text)
     # Our generate's prompt piece (mlx-lm's 2048 holds twice the FoX scores in memory).
     p.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP,
                    help="prompt tokens read per step (default: %(default)s)")
-    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
+                   help="how much mlx-lm's server logs (default: %(default)s)")
 
 
 def check(args):

@@ -14,9 +14,10 @@ from ..errors import GenesisError
 from ..model.genesis import Model
 from ..model.quantization import GROUP_SIZES, quant_predicate
 from ..output_dir import MODEL, check_output_dir, write_output_dir
-from .checkpoint import DEFAULT_REPO, load_reference_checkpoint, resolve_source
+from .checkpoint import DEFAULT_REPO, is_hub_id, load_reference_checkpoint, resolve_source
 from .mlx_lm_files import FORMAT_VERSION, write_model_file, write_tokenizer
-from .tokenizer import build_tokenizer, chat_token_ids
+from .model_card import write_model_card
+from .tokenizer import build_tokenizer, stop_token_ids
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -49,20 +50,16 @@ def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], No
     return write_output_dir(out, fill, MODEL)
 
 
-def build_model_tokenizer(source: Optional[str], vocab_size: int):
-    """The Genesis tokenizer, checked to fit a checkpoint's embedding."""
-    tok = build_tokenizer(source)
+def build_model_tokenizer(source: Optional[str], vocab_size: int, context: int):
+    """The Genesis tokenizer, checked to fit a checkpoint's embedding; ``context``:
+    the model's block_size."""
+    tok = build_tokenizer(source, context)
     if len(tok) > vocab_size:
         raise GenesisError(
             f"the tokenizer has {len(tok)} tokens but the checkpoint embeds only "
             f"{vocab_size}; pass the GPT-NeoX tokenizer the model was trained with"
         )
     return tok
-
-
-def stop_token_ids(tok) -> list:
-    """Generation stops at <|im_end|> (end of a chat turn) or <|endoftext|>."""
-    return [chat_token_ids(tok)[1], tok.eos_token_id]
 
 
 def device_dtype() -> str:
@@ -82,10 +79,15 @@ def convert(
     force: bool = False,
     with_tokenizer: bool = True,
     revision: Optional[str] = None,
+    repo_id: Optional[str] = None,
 ) -> Path:
     """``dtype``: default ``device_dtype()``; ``with_tokenizer=False`` writes the model
     alone (benchmarks of random models); ``revision`` pins a Hub repo's download (a
-    commit, branch or tag)."""
+    commit, branch or tag); ``repo_id``: the Hub repo a local ``hf_path`` was
+    downloaded from (at ``revision``).
+
+    The directory records its source only as a Hub repo id (and revision), never as
+    a local path: it may be published."""
     out = check_output_dir(mlx_path, force, "--mlx-path")
     dtype = dtype or device_dtype()
     if dtype not in DTYPES:
@@ -93,9 +95,10 @@ def convert(
     if quantize_model and (q_bits not in (2, 3, 4, 5, 6, 8) or q_group_size not in GROUP_SIZES):
         raise GenesisError("quantization: --q-bits must be 2-6 or 8 and --q-group-size 32, 64 or 128")
 
-    source = resolve_source(hf_path, revision)
+    source = resolve_source(hf_path, None if repo_id else revision)
     args, weights = load_reference_checkpoint(source)
-    tok = build_model_tokenizer(tokenizer, args.vocab_size) if with_tokenizer else None
+    tok = (build_model_tokenizer(tokenizer, args.vocab_size, args.block_size)
+           if with_tokenizer else None)
 
     target = DTYPES[dtype]
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v
@@ -105,7 +108,9 @@ def convert(
     config = asdict(args)
     if tok is not None:
         config["eos_token_id"] = stop_token_ids(tok)
-    config["genesis_source"] = str(hf_path)
+    repo_id = repo_id or (hf_path if is_hub_id(hf_path) else None)
+    if repo_id is not None:
+        config["genesis_source"] = repo_id
     if revision is not None:
         config["genesis_revision"] = revision
     config["genesis_mlx_format"] = FORMAT_VERSION
@@ -115,6 +120,7 @@ def convert(
     def write_rest(staging: Path):
         write_model_file(staging, config)
         save_config(config, staging / "config.json")
+        write_model_card(staging, config, out.name)
         if tok is not None:
             write_tokenizer(tok, staging)
 

@@ -7,7 +7,9 @@ when that package is missing or too old. genesis-mlx's own loader never runs it.
 The tokenizer files are written in the form every transformers version mlx-lm
 accepts reads: the chat template inside ``tokenizer_config.json`` (transformers 5
 would otherwise put it in a separate ``chat_template.jinja``, which 4.x ignores),
-the tokenizer class and special tokens under their long-standing names.
+the tokenizer class and special tokens under their long-standing names; its
+end-of-sequence token is the end of a chat turn, and ``generation_config.json`` says
+so too (with the reference's sampling defaults) for consumers that read that file.
 """
 
 import json
@@ -15,10 +17,13 @@ from pathlib import Path
 from typing import Optional
 
 # Model directories this version writes and reads; the model file asks for at least
-# the format of the directory it sits in. 3: mlx-lm model file; 2: RoPE frequencies
-# from the checkpoint (rope_inv_freq, rounded tables); 1: the first format.
-FORMAT_VERSION = 3
+# the format of the directory it sits in. 4: the model file prepares mlx-lm's tools
+# (mlx_lm_cli.prepare_mlx_lm), <|im_end|> is the tokenizer's eos token, a model card
+# and generation_config.json; 3: mlx-lm model file; 2: RoPE frequencies from the
+# checkpoint (rope_inv_freq, rounded tables); 1: the first format.
+FORMAT_VERSION = 4
 MODEL_FILE = "genesis.py"
+GENERATION_CONFIG = "generation_config.json"
 
 MODEL_FILE_SOURCE = '''"""Genesis-152M for mlx-lm's tools (generate, chat, server, lora, ...): this directory
 was written by genesis-mlx, whose installed package holds the model."""
@@ -47,9 +52,17 @@ if getattr(genesis_mlx, "MODEL_FORMAT", 0) < REQUIRED_FORMAT:
 from genesis_mlx.model.genesis import Model, ModelArgs  # noqa: E402,F401
 '''
 
+# Format 4 on: Genesis's cache classes, its model type for transformers (no warning
+# that it is unknown) and its model card for directories mlx-lm's tools write.
+PREPARE_MLX_LM = '''from genesis_mlx.mlx_lm_cli import prepare_mlx_lm  # noqa: E402
+
+prepare_mlx_lm()
+'''
+
 
 def model_file_source(format_version: int = FORMAT_VERSION) -> str:
-    return MODEL_FILE_SOURCE.format(format=format_version)
+    source = MODEL_FILE_SOURCE.format(format=format_version)
+    return source + PREPARE_MLX_LM if format_version >= 4 else source
 
 
 def write_model_file(directory: Path, config: dict):
@@ -79,7 +92,8 @@ def model_file_problem(directory: Path, config: dict) -> Optional[str]:
 
 
 def write_tokenizer(tokenizer, directory: Path):
-    """The tokenizer files, readable by transformers 4.x and 5.x alike."""
+    """The tokenizer files, readable by transformers 4.x and 5.x alike, and the
+    generation config naming the tokens generation stops at."""
     tokenizer.save_pretrained(str(directory))
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
@@ -90,3 +104,19 @@ def write_tokenizer(tokenizer, directory: Path):
     config["chat_template"] = tokenizer.chat_template
     config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     (directory / "chat_template.jinja").unlink(missing_ok=True)
+    write_generation_config(tokenizer, directory)
+
+
+def write_generation_config(tokenizer, directory: Path):
+    """Where generation stops (mlx-lm's loader reads ``eos_token_id`` from here
+    before config.json) and the reference CLI's sampling defaults."""
+    from ..generation.generate import (DEFAULT_REPETITION_PENALTY, DEFAULT_TEMP,
+                                       DEFAULT_TOP_K, DEFAULT_TOP_P)
+    from .tokenizer import END_OF_TEXT, stop_token_ids
+
+    end_of_text = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
+    config = {"bos_token_id": end_of_text, "eos_token_id": stop_token_ids(tokenizer),
+              "pad_token_id": end_of_text, "do_sample": True, "temperature": DEFAULT_TEMP,
+              "top_k": DEFAULT_TOP_K, "top_p": DEFAULT_TOP_P,
+              "repetition_penalty": DEFAULT_REPETITION_PENALTY}
+    (directory / GENERATION_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

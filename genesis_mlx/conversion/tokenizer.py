@@ -14,6 +14,10 @@ BASE_TOKENIZER_REPO = "EleutherAI/pythia-70m"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "config.json")
 CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+END_OF_TEXT = "<|endoftext|>"
+# What ends a chat turn, and so the model's answer: the tokenizer's eos token for
+# every consumer (transformers' generate, mlx-lm's datasets and stop lists).
+END_OF_TURN = CHAT_TOKENS[1]
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 # ChatML as the reference CLI (genesis/cli.py, GenesisChat.build_prompt) renders it: a
@@ -63,20 +67,25 @@ def load_base_tokenizer(source: Optional[str]):
         raise GenesisError(f"--tokenizer: no such file: {path}")
     try:
         return PreTrainedTokenizerFast(
-            tokenizer_file=str(path), bos_token="<|endoftext|>",
-            eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+            tokenizer_file=str(path), bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+            unk_token=END_OF_TEXT,
         )
     except Exception as e:
         raise GenesisError(f"--tokenizer: {path} is not a tokenizers JSON file ({e})") from None
 
 
-def build_tokenizer(source: Optional[str] = None):
+def build_tokenizer(source: Optional[str] = None, context: Optional[int] = None):
+    """``context``: the model's (its block_size), as the tokenizer's model_max_length."""
     tokenizer = load_base_tokenizer(source)
     tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})
-    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.pad_token = END_OF_TEXT
+    tokenizer.eos_token = END_OF_TURN
     tokenizer.chat_template = CHAT_TEMPLATE
+    if context is not None:
+        tokenizer.model_max_length = context
     return tokenizer
 
 
-def chat_token_ids(tokenizer):
-    return [tokenizer.convert_tokens_to_ids(t) for t in CHAT_TOKENS]
+def stop_token_ids(tokenizer) -> list:
+    """Generation stops at <|im_end|> (end of a chat turn) or <|endoftext|>."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in (END_OF_TURN, END_OF_TEXT)]

@@ -12,6 +12,7 @@ from mlx_lm.utils import save_config
 from ..conversion.convert import (build_model_tokenizer, read_config, stop_token_ids,
                                   write_model_dir)
 from ..conversion.mlx_lm_files import write_model_file, write_tokenizer
+from ..conversion.model_card import base_model, write_model_card
 from ..errors import GenesisError
 from ..output_dir import MODEL, check_output_dir, is_leftover, our_files
 
@@ -66,7 +67,8 @@ def fuse(model, model_dir: Path, save_path: str, force: bool = False,
     source's config and tokenizer files (the tokenizer ``tokenizer`` names instead,
     if given) and the fused weights."""
     out = check_fuse_target(model_dir, save_path, force)
-    tok = build_model_tokenizer(tokenizer, model.args.vocab_size) if tokenizer else None
+    tok = (build_model_tokenizer(tokenizer, model.args.vocab_size, model.args.block_size)
+           if tokenizer else None)
     fused = [(name, m.fuse()) for name, m in model.named_modules() if hasattr(m, "fuse")]
     if not fused:
         raise GenesisError("the model has no adapters to fuse")
@@ -75,10 +77,13 @@ def fuse(model, model_dir: Path, save_path: str, force: bool = False,
     def write_rest(staging: Path):
         copy_model_files(model_dir, staging, with_tokenizer=tok is None)
         config = read_config(staging)
+        if base_model(config) is None:  # a local path, as older versions recorded it
+            config.pop("genesis_source", None)
         write_model_file(staging, config)  # a fused model opens in mlx-lm's tools too
         if tok is not None:
             config["eos_token_id"] = stop_token_ids(tok)
             write_tokenizer(tok, staging)
         save_config(config, staging / "config.json")
+        write_model_card(staging, config, out.name, fused=True)
 
     return write_model_dir(out, model, write_rest)

@@ -3,7 +3,10 @@ files. What is Genesis-specific: which projections get adapters, training semant
 (TTT and selective activation off, as the reference does in training mode), and
 checking the user's data and paths before anything runs."""
 
+import contextlib
 import json
+import os
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -168,10 +171,15 @@ def training_args(**options) -> types.SimpleNamespace:
     return types.SimpleNamespace(**args)
 
 
-def progress_callback(log_path: Optional[Path] = None):
-    """mlx-lm's training table shows loss and tokens/s; this adds peak memory, and
-    writes every report unrounded to ``log_path`` (JSON lines) for plots and checks."""
+def progress_callback(log_path: Optional[Path] = None, out=None):
+    """Prints every report of mlx-lm's trainer once, as plain text (to ``out``, default
+    the standard output as it is now), with peak memory, and writes it unrounded to
+    ``log_path`` (JSON lines) for plots and checks. Iterations are the optimizer steps
+    done: a validation loss is computed before its iteration's step, so the one
+    mlx-lm runs at iteration N (a multiple of --steps-per-eval) is reported at N - 1."""
     from mlx_lm.tuner.callbacks import TrainingCallback
+
+    out = out or sys.stdout
 
     def log(record):
         if log_path is not None:
@@ -182,16 +190,41 @@ def progress_callback(log_path: Optional[Path] = None):
         def on_train_loss_report(self, info):
             print(f"[genesis-mlx] iter {info['iteration']}: train loss {info['train_loss']:.3f}, "
                   f"{info['tokens_per_second']:.1f} tok/s, peak memory "
-                  f"{info['peak_memory']:.2f} GB", flush=True)
+                  f"{info['peak_memory']:.2f} GB", file=out, flush=True)
             log({"iteration": info["iteration"], "train_loss": info["train_loss"],
                  "learning_rate": info["learning_rate"]})
 
         def on_val_loss_report(self, info):
-            print(f"[genesis-mlx] iter {info['iteration']}: val loss {info['val_loss']:.3f}",
-                  flush=True)
+            print(f"[genesis-mlx] iter {info['iteration']}: val loss {info['val_loss']:.3f} "
+                  f"({info['val_time']:.1f} s)", file=out, flush=True)
             log({"iteration": info["iteration"], "val_loss": info["val_loss"]})
 
     return Progress()
+
+
+@contextlib.contextmanager
+def without_mlx_lm_display():
+    """mlx-lm's header panel, loss table and progress bar print through its shared
+    rich console, in colour even into a file, numbering validation reports one
+    iteration later than its callback does: sent to nowhere while it trains, so that
+    progress_callback prints each report once. (A console writing to a file that is
+    not a terminal also keeps rich from taking over sys.stdout for its bar.)"""
+    from mlx_lm.cli_ui import make_console
+
+    console = make_console()
+    with open(os.devnull, "w") as sink:
+        console.file = sink
+        try:
+            yield
+        finally:
+            console.file = None  # back to the standard output of the moment
+
+
+def print_run(args):
+    print(f"[genesis-mlx] training LoRA adapters (rank {args.lora_parameters['rank']}) on "
+          f"the top {args.num_layers} layers: {args.iters} iterations of {args.batch_size} "
+          f"examples, learning rate {args.learning_rate:g}, into {args.adapter_path}",
+          flush=True)
 
 
 def train_adapters(args: types.SimpleNamespace, model, train_set, valid_set, callback):
@@ -207,8 +240,11 @@ def train_adapters(args: types.SimpleNamespace, model, train_set, valid_set, cal
     adapter_dir.mkdir(parents=True, exist_ok=True)
     log_path = adapter_dir / TRAIN_LOG
     log_path.unlink(missing_ok=True)
+    print_run(args)
     try:
-        train_model(args, model, train_set, valid_set, callback or progress_callback(log_path))
+        callback = callback or progress_callback(log_path)
+        with without_mlx_lm_display():
+            train_model(args, model, train_set, valid_set, callback)
     except BaseException:
         if not any(adapter_dir.glob("*adapters.safetensors")):
             (adapter_dir / "adapter_config.json").unlink(missing_ok=True)
