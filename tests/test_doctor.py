@@ -4,6 +4,7 @@ and a kernel body that does not compile shows up there with the compiler's error
 import json
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 
@@ -75,3 +76,18 @@ def test_doctor_reports_a_kernel_that_does_not_compile(tmp_path, inject_fault, c
     out, err = capsys.readouterr()
     assert "check(s) failed" in out and str(path) in out
     assert len([line for line in err.splitlines() if "genesis-mlx doctor" in line]) == 1
+
+
+def test_doctor_refuses_a_report_path_it_cannot_write_before_any_check(tmp_path, capsys):
+    from genesis_mlx.cli.main import main
+
+    (tmp_path / "file").write_text("")
+    for path, needle in [(tmp_path / "missing" / "r.json", "no directory"),
+                         (tmp_path, "is a directory"),
+                         (tmp_path / "file" / "r.json", "no directory")]:
+        start = time.monotonic()
+        assert main(["doctor", "--quick", "--json", str(path)]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "--json" in lines[0] and needle in lines[0], err
+        assert not out and time.monotonic() - start < 5  # no check ran

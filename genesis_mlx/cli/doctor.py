@@ -1,5 +1,6 @@
 """genesis-mlx doctor (the checks: genesis_mlx/doctor.py)."""
 
+from ..checks import check_writable_file
 from ..doctor import DEFAULT_REPORT, run_doctor
 
 
@@ -11,4 +12,5 @@ def add_arguments(p):
 
 
 def run(args):
+    check_writable_file(args.json, "--json")
     return run_doctor(args.json, args.quick)
