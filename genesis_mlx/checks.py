@@ -1,7 +1,9 @@
 """Checks of the numbers users give, shared by the commands and the Python API."""
 
 import math
+import os
 from numbers import Integral
+from pathlib import Path
 
 from .errors import GenesisError
 
@@ -33,3 +35,18 @@ def check_at_least_one(flag: str, value: int):
 def check_kv_bits(bits, flag: str = "--kv-bits"):
     if bits is not None and bits not in KV_BITS:
         raise GenesisError(f"{flag} {bits}: use 4 or 8 (or leave it out: exact)")
+
+
+def check_writable_file(path: str, flag: str):
+    """A file a command writes at its end (a report): said before the work, not after."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise GenesisError(f"{flag} {path} is a directory; give a file name (e.g. "
+                           f"{target / 'report.json'})")
+    parent = target.parent
+    if not parent.is_dir():
+        raise GenesisError(f"{flag} {path}: there is no directory {parent}; create it first, "
+                           "or write elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists()
+                                                    and not os.access(target, os.W_OK)):
+        raise GenesisError(f"{flag} {path}: not writable here (permissions); write elsewhere")

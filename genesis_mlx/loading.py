@@ -14,12 +14,13 @@ from mlx_lm.utils import load_model, load_tokenizer
 
 from .conversion.checkpoint import (
     DEFAULT_REPO, check_revision, download_repo, find_checkpoint_file, is_hub_id,
-    safetensors_damage,
+    read_safetensors_header, safetensors_damage,
 )
+from .conversion.config_check import check_config
 from .conversion.convert import (
     DTYPES, build_model_tokenizer, convert, device_dtype, read_config, stop_token_ids,
 )
-from .conversion.mlx_lm_files import FORMAT_VERSION
+from .conversion.mlx_lm_files import FORMAT_VERSION, MODEL_FILE
 from .errors import GenesisError
 from .model.genesis import Model, ModelArgs
 from .output_dir import WRITING_MARKER, check_complete
@@ -30,6 +31,15 @@ CACHE_ROOT = Path(os.environ.get("GENESIS_MLX_CACHE", "~/.cache/genesis-mlx")).e
 def is_converted(directory: Path) -> bool:
     config = directory / "config.json"
     return config.is_file() and read_config(directory).get("model_type") == "genesis"
+
+
+def written_by_us(directory: Path) -> bool:
+    """Converted by genesis-mlx, whatever its config says now (an edited model_type
+    is then named as such, not read as a reference checkpoint's directory)."""
+    if not (directory / "config.json").is_file():
+        return False
+    config = read_config(directory)
+    return "genesis_mlx_format" in config or config.get("model_file") == MODEL_FILE
 
 
 def converted_cache_dir(checkpoint: Path, revision: Optional[str] = None,
@@ -47,7 +57,11 @@ def converted_cache_dir(checkpoint: Path, revision: Optional[str] = None,
 
 
 def directory_format(directory: Path) -> int:
-    return read_config(directory).get("genesis_mlx_format", 1)
+    written = read_config(directory).get("genesis_mlx_format", 1)
+    if isinstance(written, bool) or not isinstance(written, int):
+        raise GenesisError(f"{directory / 'config.json'}: genesis_mlx_format is {written!r}, "
+                           "not an integer; convert the checkpoint again")
+    return written
 
 
 def is_current(directory: Path) -> bool:
@@ -85,7 +99,7 @@ def resolve_model_dir(src: str, tokenizer: Optional[str] = None,
     path = Path(src).expanduser()
     if path.is_dir():
         check_complete(path)
-        if is_converted(path):
+        if is_converted(path) or written_by_us(path):
             return path
         return convert_once(find_checkpoint_file(path), tokenizer, dtype=dtype)
     if path.is_file():
@@ -162,11 +176,49 @@ def load_genesis_model(model_dir: Path, lazy: bool = False,
 def check_weight_files(model_dir: Path):
     """A weight file cut short (a full disk, a copy stopped half-way) gets its name
     and the fix, not the loader's traceback."""
-    for path in sorted(model_dir.glob("model*.safetensors")):
+    files = sorted(model_dir.glob("model*.safetensors"))
+    if not files:
+        raise GenesisError(f"{model_dir} holds no weights (model.safetensors); convert "
+                           "the checkpoint again")
+    for path in files:
         damage = safetensors_damage(path)
         if damage:
             raise GenesisError(f"{path} is damaged or incomplete ({damage}); convert again "
                                "(genesis-mlx convert --force)")
+    return files
+
+
+# Every field of the reference's config shapes the model: a converted config.json
+# (written whole) missing one would be read with the default in its place.
+REQUIRED_FIELDS = tuple(ModelArgs.reference_fields()) + ("model_type",)
+
+
+def check_model_dir(model_dir: Path) -> dict:
+    """A converted directory's config.json, checked field by field and against its
+    weights' shapes before anything is built from it; returns it."""
+    tensors = {}
+    for path in check_weight_files(model_dir):
+        tensors.update(read_safetensors_header(path)[1])
+    config = read_config(model_dir)
+    check_config(config, tensors, str(model_dir / "config.json"),
+                 "convert the checkpoint again (genesis-mlx convert --force)",
+                 required=REQUIRED_FIELDS)
+    return config
+
+
+def load_checked_model(model_dir: Path, lazy: bool = False,
+                       model_config: Optional[dict] = None) -> Tuple[Model, dict]:
+    """load_genesis_model on a checked directory; weights that still do not fit the
+    config (a tensor of another shape, one missing) are one line."""
+    check_model_dir(model_dir)
+    try:
+        return load_genesis_model(model_dir, lazy, model_config)
+    except (ValueError, GenesisError) as e:  # the model's own checks say GenesisError
+        detail = " ".join(str(e).split())
+        if len(detail) > 200:
+            detail = detail[:200] + "..."
+        raise GenesisError(f"{model_dir}/config.json does not fit its weights ({detail}); "
+                           "convert the checkpoint again (genesis-mlx convert --force)") from None
 
 
 def load_model_only(model_dir: str) -> Model:
@@ -187,12 +239,11 @@ def load(
     repo's download; ``dtype``: what a Hub repo or a raw checkpoint is converted to
     on first use (default: bfloat16 on a GPU, float32 on the CPU)."""
     model_dir = resolve_model_dir(src, tokenizer, revision, dtype)
-    check_weight_files(model_dir)
     if directory_format(model_dir) < 2:
         print(f"[genesis-mlx] {model_dir} was converted by an older genesis-mlx, whose RoPE "
               "frequencies can differ from the reference's in the last bit; convert the "
               "checkpoint again (genesis-mlx convert --force)", file=sys.stderr)
-    model, config = load_genesis_model(model_dir, lazy, model_config)
+    model, config = load_checked_model(model_dir, lazy, model_config)
     if adapter_path is not None:
         from .tuning.adapters import load_adapters
 

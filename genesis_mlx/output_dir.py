@@ -6,6 +6,7 @@ file. A directory of other files (a project, ``.``, the home directory) is refus
 ``--force`` or not: a model written into it would mix with, or replace, files we
 did not write."""
 
+import errno
 import fnmatch
 import json
 import os
@@ -18,6 +19,8 @@ from typing import Callable, List, Tuple
 from .errors import GenesisError
 
 STAGING_PREFIX = ".genesis-write-"
+# How MLX says it could not write a file (a RuntimeError, without the OS's reason).
+MLX_WRITE_ERRORS = ("[write]", "[save_safetensors] Failed to open", "[save] Failed to open")
 # Present while new files are moved into an existing directory: a run stopped then
 # leaves a directory that says so (and is still ours) instead of a mix of two models.
 WRITING_MARKER = ".genesis-mlx-writing"
@@ -117,11 +120,6 @@ def remove(path: Path):
         path.unlink()
 
 
-def remove_our_files(directory: Path, layout: Layout):
-    for path in our_files(directory, layout):
-        remove(path)
-
-
 def move_into_place(source: Path, target: Path):
     os.replace(source, target)
 
@@ -139,14 +137,22 @@ def write_new_dir(target: Path, fill: Callable[[Path], None]):
     try:
         fill(staging)
         staging.chmod(0o777 & ~current_umask())  # mkdtemp's directory is private
-        staging.rename(target)
+        try:
+            staging.rename(target)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            raise GenesisError(f"{target} was written by another run meanwhile; nothing was "
+                               "written over it (choose another path)") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def replace_files(target: Path, fill: Callable[[Path], None], layout: Layout):
-    """Staged inside ``target``; then our old files go and the new ones move in, the
-    config (which makes the directory a model) last, under WRITING_MARKER."""
+def replace_files(target: Path, fill: Callable[[Path], None], layout: Layout,
+                  keep_others: bool = False):
+    """Staged inside ``target``; then our old files go (with ``keep_others``, only
+    those the new ones replace) and the new ones move in, the config (which makes
+    the directory a model) last, under WRITING_MARKER."""
     old = our_files(target, layout)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
     try:
@@ -154,7 +160,8 @@ def replace_files(target: Path, fill: Callable[[Path], None], layout: Layout):
         marker = target / WRITING_MARKER
         marker.touch()
         for path in old:
-            if path != marker:
+            replaced = (staging / path.name).exists() or is_leftover(path)
+            if path != marker and (replaced or not keep_others):
                 remove(path)
         for new in sorted(staging.iterdir(), key=lambda p: p.name == layout.config):
             move_into_place(new, target / new.name)
@@ -163,17 +170,36 @@ def replace_files(target: Path, fill: Callable[[Path], None], layout: Layout):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def write_output_dir(path, fill: Callable[[Path], None], layout: Layout = MODEL) -> Path:
+def is_write_error(error: BaseException) -> bool:
+    return isinstance(error, OSError) or (
+        isinstance(error, RuntimeError) and str(error).startswith(MLX_WRITE_ERRORS))
+
+
+def write_error_reason(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        return str(error.strerror or error)
+    return "a file could not be written whole"
+
+
+def write_output_dir(path, fill: Callable[[Path], None], layout: Layout = MODEL,
+                     force: bool = False, flag: str = "the output directory",
+                     keep_others: bool = False) -> Path:
     """Writes what ``fill`` puts into a staging directory to ``path`` (checked with
-    check_output_dir first): an interrupted run leaves no half-written model."""
+    check_output_dir first, with the same ``force`` and ``flag``): an interrupted or
+    failed run leaves no half-written model. ``keep_others``: our files there that
+    the new ones do not replace stay (resumed training)."""
     target = Path(path).expanduser().resolve()
     try:
         if target.exists():
-            replace_files(target, fill, layout)
+            # Again: another run may have written a model there since it was checked.
+            check_output_dir(target, force, flag, layout)
+            replace_files(target, fill, layout, keep_others)
         else:
             write_new_dir(target, fill)
-    except OSError as e:
-        raise GenesisError(f"cannot write {target} ({e.strerror or e}); check the disk "
+    except (OSError, RuntimeError) as e:
+        if not is_write_error(e):
+            raise
+        raise GenesisError(f"cannot write {target} ({write_error_reason(e)}); check the disk "
                            "space and permissions") from None
     return target
 

@@ -177,3 +177,28 @@ def inject_fault(monkeypatch, fresh_guards):
                             kernel.with_body(body.replace(FAULT_LINE, FAULTS[fault])))
 
     return inject
+
+
+def fill_the_disk_at(call: int, monkeypatch, stop=None):
+    """From the ``call``-th file MLX saves on (1-based), the disk is full: the write
+    stops half-way through the file, with the error MLX raises then. ``stop``: an
+    exception to raise instead, before that file is written (a Ctrl-C)."""
+    import mlx.core as mx
+
+    calls = []
+    real = mx.save_safetensors
+
+    def save(path, arrays, metadata=None):
+        calls.append(path)
+        if len(calls) < call:
+            return real(path, arrays, metadata=metadata or {})
+        if stop is not None:
+            raise stop
+        real(path, arrays)
+        name = path if str(path).endswith(".safetensors") else f"{path}.safetensors"
+        with open(name, "r+b") as f:
+            f.truncate(os.path.getsize(name) // 2)
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", save)
+    return calls

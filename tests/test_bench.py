@@ -179,3 +179,17 @@ def test_interference_counts_other_processes_not_the_bench(monkeypatch):
     with machine_load.interference() as load:
         clock.update(busy=112.0, children=12.5, own=1.5)  # the worker 7.5, the bench 0.5
     assert load["others_cpu_s"] == 4.0 and load["wall_s"] >= 0
+
+
+@pytest.mark.parametrize("option,value,needle", [
+    ("--prompt-lengths", "-5", "at least 1 token"), ("--prompt-lengths", "128,0", "at least 1"),
+    ("--json", "/nonexistent-dir/report.json", "no directory"),
+])
+def test_bench_refuses_what_would_fail_every_row_before_running(capsys, option, value, needle):
+    from genesis_mlx.cli.main import main
+
+    assert main(["bench", option, value]) == 2
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"{option} {value}" in lines[0] and needle in lines[0], err
+    assert not out

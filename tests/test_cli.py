@@ -448,3 +448,43 @@ def test_demo_without_dir_says_its_files_are_deleted_and_how_to_keep_them(tokeni
     assert not os.path.exists(model_dir)
     last = out.strip().splitlines()[-1]
     assert "deleted" in last and "--dir DIR" in last and "chat --model DIR/genesis-demo-mlx" in last
+
+
+def test_chat_goes_on_past_a_line_that_is_not_utf8(demo_model):
+    """Such bytes reach input() as lone surrogates, which the tokenizer refuses with
+    a traceback (generate reads stdin as bytes and says so in one line)."""
+    model_dir, _ = demo_model
+    result = cli("chat", "--model", model_dir, "--temp", "0", "--max-tokens", "2",
+                 input=b"caf\xe9 ole\nHello\n/quit\n")
+    err = result.stderr.decode().strip()
+    assert result.returncode == 0 and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and "not UTF-8" in err, err
+    assert result.stdout.count(b"Assistant:") == 1, result.stdout  # "Hello" was answered
+
+
+def test_chat_loads_only_its_own_models_sessions(demo_model, tmp_path, tokenizer_path):
+    """A session saved with other weights (same shape: the state loads, and means
+    nothing to this model), or a file that is no session at all."""
+    import genesis_mlx as g
+    from genesis_mlx.errors import GenesisError
+    from genesis_mlx.generation.chat import ChatSession
+
+    model_dir, _ = demo_model
+    other_dir = convert(str(write_reference_checkpoint(tmp_path / "other.safetensors", DEMO,
+                                                       seed=1)),
+                        str(tmp_path / "other"), tokenizer=tokenizer_path)
+    greedy = g.SamplingOptions(temp=0.0)
+    model, tokenizer = g.load(str(model_dir))
+    other, _ = g.load(str(other_dir))
+    session = ChatSession(model, tokenizer, greedy, max_tokens=4)
+    "".join(session.ask("Hi"))
+    saved = session.save(str(tmp_path / "s"))
+    ChatSession(model, tokenizer, greedy).load(str(saved))
+    with pytest.raises(GenesisError, match="another model's weights"):
+        ChatSession(other, tokenizer, greedy).load(str(saved))
+    with pytest.raises(GenesisError, match="is not a chat session"):
+        ChatSession(model, tokenizer, greedy).load(str(model_dir / "model.safetensors"))
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(saved.read_bytes()[:200])
+    with pytest.raises(GenesisError, match="damaged or incomplete"):
+        ChatSession(model, tokenizer, greedy).load(str(truncated))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import logits_tolerance, small_tokenizer
+from conftest import fill_the_disk_at, logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.tokenizer import render_chat
 from genesis_mlx.errors import GenesisError
@@ -495,3 +495,151 @@ def test_the_cli_starts_without_importing_mlx_lm():
 
     assert g.load is load and "stream_generate" in dir(g)
     assert g.generate_step is generate_step and "generate_step" in dir(g)
+
+
+# config.json of a converted directory, changed: (changes, what the one line must say).
+# None deletes the field; a string replaces the whole file.
+BAD_CONFIGS = {
+    "a word for a number": (dict(n_layer="eight"), ("n_layer", "an integer")),
+    "a vocabulary past 32 bits": (dict(vocab_size=10**12), ("vocab_size", "positive integer")),
+    "fewer layers than the weights": (dict(n_layer=4), ("n_layer=4", "8 layers")),
+    "a negative layer count": (dict(n_layer=-1), ("n_layer", "positive integer")),
+    "a billion layers": (dict(n_layer=10**9), ("n_layer=1000000000", "8 layers")),
+    "no heads": (dict(n_head=0), ("n_head", "positive integer")),
+    "a width the weights lack": (dict(n_embd=192), ("n_embd=192", "ln_f.omega")),
+    "a vocabulary the weights lack": (dict(vocab_size=60000),
+                                      ("vocab_size=60000", "tok_emb.weight")),
+    "NaN as norm_eps": (dict(norm_eps=float("nan")), ("norm_eps", "finite")),
+    "a context of 0": (dict(block_size=0), ("block_size", "positive integer")),
+    "no n_embd": (dict(n_embd=None), ("has no 'n_embd'",)),
+    "another model type": (dict(model_type="llama"), ("model_type", "'genesis'")),
+    "heads that do not divide the width": (dict(n_head=5), ("not divisible by n_head=5",)),
+    "RoPE frequencies that are not numbers": (dict(rope_inv_freq=[1, "a"]), ("rope_inv_freq",)),
+    "not JSON": ("{n_layer: 8", ("not valid JSON",)),
+    "a list": ("[]", ("not a JSON object",)),
+}
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_checkpoint, tokenizer_path, tmp_path_factory):
+    return convert(str(demo_checkpoint), str(tmp_path_factory.mktemp("demo_dir") / "model"),
+                   tokenizer=tokenizer_path)
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_a_bad_config_is_one_line_before_anything_is_built(demo_dir, tmp_path, capsys,
+                                                           monkeypatch, case):
+    """Each field is checked (type, range, against the weights' shapes) before the
+    model is built: no traceback, and no model built from a config its weights do
+    not fit (a billion layers would fill the memory)."""
+    import shutil
+
+    from genesis_mlx import loading
+
+    changes, needles = BAD_CONFIGS[case]
+    model = tmp_path / "model"
+    shutil.copytree(demo_dir, model)
+    if isinstance(changes, str):
+        (model / "config.json").write_text(changes)
+    else:
+        config = json.loads((model / "config.json").read_text())
+        for key, value in changes.items():
+            if value is None:
+                del config[key]
+            else:
+                config[key] = value
+        (model / "config.json").write_text(json.dumps(config))
+
+    def never_built(*args, **kwargs):
+        raise AssertionError("the model was built from a config that does not fit")
+
+    monkeypatch.setattr(loading, "load_genesis_model", never_built)
+    for command in (["generate", "--prompt", "Hi", "--max-tokens", "2"], ["chat"]):
+        outcome = in_process(capsys, command[0], "--model", model, *command[1:])
+        one_line_error_in_process(outcome, *needles)
+    # serve: mlx-lm builds the model itself, from what servable_dir lets through
+    from genesis_mlx.serving import servable_dir
+
+    with pytest.raises(GenesisError) as refused:
+        servable_dir(str(model))
+    assert all(needle in str(refused.value) for needle in needles), refused.value
+
+
+def test_the_checks_pass_what_convert_writes(demo_dir, reference_checkpoint, tokenizer_path,
+                                             tmp_path):
+    """Float and quantized directories, of the demo and of the test models."""
+    from genesis_mlx.loading import check_model_dir
+
+    check_model_dir(demo_dir)
+    for config in ("gqa", "mha", "gqa3", "variants"):
+        from conftest import CONFIGS
+
+        _, path = reference_checkpoint(**CONFIGS[config])
+        check_model_dir(convert(str(path), str(tmp_path / config), with_tokenizer=False))
+    check_model_dir(convert(str(path), str(tmp_path / "q4"), quantize_model=True,
+                            with_tokenizer=False))
+
+
+def test_convert_of_a_converted_model_says_so(demo_dir, tmp_path, capsys):
+    """Its weights are MLX's, without the reference's config (else it is read with the
+    one the reference assumes, and fails on a tensor's shape)."""
+    for source in (demo_dir, demo_dir / "model.safetensors"):
+        outcome = in_process(capsys, "convert", "--hf-path", source, "--mlx-path",
+                             tmp_path / "again")
+        one_line_error_in_process(outcome, "a model genesis-mlx converted", "--model")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_run_converting_into_the_same_new_directory_meanwhile_is_not_replaced(
+        demo_checkpoint, tokenizer_path, tmp_path, monkeypatch):
+    """Two converts into one new directory: the one that comes second (its check
+    passed before the first one wrote) is refused, whenever the first one wrote."""
+    from genesis_mlx.conversion import convert as convert_module
+
+    target = tmp_path / "model"
+
+    def first_writes_then(original):
+        def wrapped(*args, **kwargs):
+            monkeypatch.setattr(convert_module, original.__name__, original)
+            convert(str(demo_checkpoint), str(target), tokenizer=tokenizer_path)
+            return original(*args, **kwargs)
+        return wrapped
+
+    # The first run writes after the second one's check, before its write starts ...
+    monkeypatch.setattr(convert_module, "load_reference_checkpoint",
+                        first_writes_then(convert_module.load_reference_checkpoint))
+    with pytest.raises(GenesisError, match="already holds a model"):
+        convert(str(demo_checkpoint), str(target), tokenizer=tokenizer_path, dtype="bfloat16")
+    assert json.loads((target / "config.json").read_text())["genesis_source"]
+    written = (target / "model.safetensors").read_bytes()
+    # ... or while the second one writes its files.
+    target2 = tmp_path / "model2"
+    from mlx_lm import utils
+
+    def first_writes_meanwhile(original):
+        def wrapped(*args, **kwargs):
+            monkeypatch.setattr(convert_module, "save_model", original)
+            convert(str(demo_checkpoint), str(target2), tokenizer=tokenizer_path)
+            return original(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(convert_module, "save_model", first_writes_meanwhile(utils.save_model))
+    with pytest.raises(GenesisError, match="another run"):
+        convert(str(demo_checkpoint), str(target2), tokenizer=tokenizer_path, dtype="bfloat16")
+    assert load(str(target2))[0].tok_emb.weight.dtype == mx.float32  # the first one's
+    assert (target / "model.safetensors").read_bytes() == written
+    assert not list(tmp_path.glob(".genesis*"))
+
+
+def test_a_full_disk_during_convert_is_one_line_and_the_old_model_stays(
+        demo_checkpoint, tokenizer_path, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "model"
+    old = convert(str(demo_checkpoint), str(target), tokenizer=tokenizer_path)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    fill_the_disk_at(1, monkeypatch)
+    for out, force in ((target, ["--force"]), (tmp_path / "new", [])):
+        outcome = in_process(capsys, "convert", "--hf-path", demo_checkpoint, "--mlx-path", out,
+                             "--tokenizer", tokenizer_path, *force)
+        one_line_error_in_process(outcome, f"cannot write {out}", "disk space")
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".genesis*"))

@@ -4,6 +4,7 @@ and a kernel body that does not compile shows up there with the compiler's error
 import json
 import subprocess
 import sys
+import time
 
 import mlx.core as mx
 
@@ -90,3 +91,18 @@ def test_doctor_writes_a_report_only_where_json_says(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []
     assert result.stdout.strip().endswith("--json PATH writes a report")
+
+
+def test_doctor_refuses_a_report_path_it_cannot_write_before_any_check(tmp_path, capsys):
+    from genesis_mlx.cli.main import main
+
+    (tmp_path / "file").write_text("")
+    for path, needle in [(tmp_path / "missing" / "r.json", "no directory"),
+                         (tmp_path, "is a directory"),
+                         (tmp_path / "file" / "r.json", "no directory")]:
+        start = time.monotonic()
+        assert main(["doctor", "--quick", "--json", str(path)]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "--json" in lines[0] and needle in lines[0], err
+        assert not out and time.monotonic() - start < 5  # no check ran

@@ -189,3 +189,31 @@ def test_stream_generate_feeds_its_last_token_before_handing_it_out(
     assert (last.finish_reason, last.token) == (finish, first)
     assert cache[0].positions.item() == len(prompt) + 1
     stream.close()
+
+
+def test_limits_past_32_bits_and_the_vocabulary_generate(reference_checkpoint, tokenizer_path):
+    """max_tokens past 2**31 (the repetition penalty's window is sliced with 32-bit
+    indices) and top_k past the vocabulary (mlx-lm refuses it; it keeps every token, as
+    0 does): tokens come, the same as without them."""
+    from itertools import islice
+
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import PreTrainedTokenizerFast
+
+    from genesis_mlx.generation.generate import stream_generate
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    tokenizer = TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_file=tokenizer_path),
+                                 eos_token_ids=[])
+    prompt = tokens(20)[0].tolist()
+
+    def first_tokens(max_tokens, top_k):
+        sampling = SamplingOptions(temp=1.0, top_k=top_k, repetition_penalty=1.3, seed=5)
+        stream = stream_generate(model, tokenizer, prompt, max_tokens, sampling)
+        taken = [r.token for r in islice(stream, 6)]
+        stream.close()
+        return taken
+
+    assert first_tokens(10**12, 10**9) == first_tokens(6, 0)
+    assert first_tokens(6, 10**9) != first_tokens(6, 2)  # top_k does filter below the vocabulary

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import assert_ready_to_publish, logits_tolerance, small_tokenizer
+from conftest import assert_ready_to_publish, fill_the_disk_at, logits_tolerance, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -395,3 +395,141 @@ def test_gradients_are_as_exact_in_both_arrangements(trained, monkeypatch):
     float32_rounding = error(gpu)
     assert 0 < float32_rounding < 1e-3, "the float64 run must differ by rounding alone"
     assert error(cpu) <= 2 * float32_rounding, (error(cpu), float32_rounding)
+
+
+GOOD_RECORDS = {"text": {"text": "The sky is blue."},
+                "completions": {"prompt": "Sky?", "completion": "Blue."},
+                "messages": {"messages": [{"role": "user", "content": "Sky?"},
+                                          {"role": "assistant", "content": "Blue."}]}}
+BAD_RECORDS = {  # (format, record, what the one line must say)
+    "null text": ("text", {"text": None}, "'text' must be a non-empty string"),
+    "empty text": ("text", {"text": ""}, "'text' must be a non-empty string"),
+    "null completion": ("completions", {"prompt": "Sky?", "completion": None},
+                        "must be strings"),
+    "no messages": ("messages", {"messages": []}, "non-empty list"),
+    "null content": ("messages", {"messages": [{"role": "user", "content": None}]},
+                     "'role' and 'content' strings"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RECORDS)
+def test_records_mlx_lm_cannot_train_on_are_one_line(trained, tmp_path, capsys, case):
+    """mlx-lm fails on these with a traceback (or trains on a null as the text
+    "None")."""
+    model_dir, _, _, _ = trained
+    kind, bad, needle = BAD_RECORDS[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    records = [GOOD_RECORDS[kind]] * 8
+    (data / "train.jsonl").write_text("".join(
+        json.dumps(r) + "\n" for r in records[:2] + [bad] + records[2:]))
+    adapters = tmp_path / "adapters"
+    code, _, err = in_process(capsys, "lora", "--model", model_dir, "--data", data, "--train",
+                              "--iters", "1", "--batch-size", "2", "--adapter-path", adapters)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "train.jsonl:3" in lines[0], err
+    assert needle in lines[0] and not adapters.exists()
+
+
+def cut_short(path, into):
+    """A copy of ``path`` cut half-way (a copy stopped, a disk that filled up)."""
+    data = path.read_bytes()
+    into.write_bytes(data[: len(data) // 2])
+    return into
+
+
+def test_resume_takes_only_whole_adapters_that_fit_the_run(trained, tmp_path, capsys):
+    """mlx-lm loads what fits and ignores the rest, silently: a model's weights start
+    the adapters from nothing, adapters of another rank are written under this run's
+    rank (which generate then refuses)."""
+    model_dir, adapters, data, _ = trained
+    saved = adapters / "adapters.safetensors"
+    cases = [  # (the file, more options, what the one line must say)
+        (cut_short(saved, tmp_path / "cut.safetensors"), [], "damaged or incomplete"),
+        (model_dir / "model.safetensors", [], "not LoRA adapters"),
+        (saved, ["--rank", "4"], "pass --rank 8"),
+        (saved, ["--num-layers", "2"], "--num-layers"),
+    ]
+    out = tmp_path / "resumed"
+    for resume, options, needle in cases:
+        code, _, err = in_process(capsys, "lora", "--model", model_dir, "--train", "--data",
+                                  data, "--iters", "1", "--batch-size", "4", "--adapter-path",
+                                  out, "--resume-adapter-file", resume, *options)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (needle, err)
+        assert not out.exists()
+
+
+def test_damaged_adapters_or_their_config_are_one_line(trained, tmp_path, capsys):
+    import shutil
+
+    model_dir, adapters, _, _ = trained
+    cut = tmp_path / "cut"
+    shutil.copytree(adapters, cut)
+    cut_short(adapters / "adapters.safetensors", cut / "adapters.safetensors")
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    cases = [(cut, "damaged or incomplete")]
+    for name, text, needle in [("number", json.dumps(dict(config, lora_parameters=5)),
+                                "'lora_parameters' must be an object"),
+                               ("rank", json.dumps(dict(config, lora_parameters=dict(
+                                   config["lora_parameters"], rank="8"))), "rank"),
+                               ("layers", json.dumps(dict(config, num_layers=None)),
+                                "'num_layers'"),
+                               ("json", "{oops", "cannot be read")]:
+        bad = tmp_path / name
+        shutil.copytree(adapters, bad)
+        (bad / "adapter_config.json").write_text(text)
+        cases.append((bad, needle))
+    for path, needle in cases:
+        for argv in (["generate", "--prompt", "Hi", "--max-tokens", "2"],
+                     ["fuse", "--save-path", tmp_path / "fused"]):
+            code, _, err = in_process(capsys, argv[0], "--model", model_dir, "--adapter-path",
+                                      path, *argv[1:])
+            lines = err.strip().splitlines()
+            assert code == 2 and len(lines) == 1 and needle in lines[0], (argv[0], needle, err)
+    assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.parametrize("stop", ["full disk", "ctrl-c"])
+def test_training_stopped_mid_save_keeps_only_whole_adapters(trained, tmp_path, capsys,
+                                                             monkeypatch, stop):
+    """Saves each step, the 4th file (step 2's checkpoint) cut short by a full disk,
+    or not written at all (Ctrl-C): the adapter directory gets what was saved whole,
+    never a file cut short; saved nothing whole yet, it is not made at all."""
+    model_dir, _, data, _ = trained
+    base = ["lora", "--model", model_dir, "--train", "--data", data, "--batch-size", "4",
+            "--iters", "3", "--save-every", "1", "--steps-per-eval", "1000"]
+    interrupt = KeyboardInterrupt() if stop == "ctrl-c" else None
+    first = tmp_path / "first"
+    fill_the_disk_at(1, monkeypatch, interrupt)
+    code, _, err = in_process(capsys, *base, "--adapter-path", first)
+    assert code == (130 if interrupt else 2) and not first.exists()
+    if not interrupt:
+        assert len(err.strip().splitlines()) == 1 and "disk space" in err, err
+    assert not list(tmp_path.glob(".genesis*"))
+    monkeypatch.undo()
+
+    out = tmp_path / "adapters"
+    fill_the_disk_at(4, monkeypatch, interrupt)
+    code, _, err = in_process(capsys, *base, "--adapter-path", out)
+    assert code == (130 if interrupt else 2)
+    if not interrupt:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "saved whole" in lines[0], err
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0000001_adapters.safetensors", "adapter_config.json", "adapters.safetensors",
+        "train_log.jsonl"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["adapter_path"] == str(out)
+    g.load(str(model_dir), adapter_path=str(out))  # whole, and fits
+
+
+def test_a_full_disk_during_fuse_is_one_line(trained, tmp_path, capsys, monkeypatch):
+    model_dir, adapters, _, _ = trained
+    fill_the_disk_at(1, monkeypatch)
+    code, _, err = in_process(capsys, "fuse", "--model", model_dir, "--adapter-path", adapters,
+                              "--save-path", tmp_path / "fused")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "disk space" in lines[0], err
+    assert not (tmp_path / "fused").exists() and not list(tmp_path.glob(".genesis*"))

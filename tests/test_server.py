@@ -2,9 +2,12 @@
 model, driven by the openai client over 127.0.0.1. Concurrent answers (streamed or
 not, prompts of very different lengths, rows starting from cached prompts) equal
 the requests served alone and genesis-mlx's own greedy generation; bad requests get
-HTTP errors and the server goes on serving."""
+HTTP errors (400, or 404 for another model) and the server goes on serving; every
+request is bounded (tokens, prompt + completion, time) and one whose client gave up
+stops decoding."""
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -12,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import namedtuple
 
@@ -27,6 +31,8 @@ START_TIMEOUT = 300  # the CLI's imports and the model load, on a busy machine
 REQUEST_TIMEOUT = 180
 MAX_TOKENS = 10
 LONGER = 32
+# The module's server: what one request may take.
+TOKENS_LIMIT, CONTEXT_LIMIT = 48, 4096
 GREEDY = dict(temp=0.0, repetition_penalty=1.0)  # what the server does at temperature 0
 
 # steps: (token, its logprob) per generated token (requests not streamed, ours)
@@ -62,13 +68,14 @@ def healthy(url) -> bool:
         return False
 
 
-def start_server(model_dir, log_path) -> Server:
+def start_server(model_dir, log_path, *options) -> Server:
     """``genesis-mlx serve`` in a subprocess; returns once /health answers."""
     port = free_port()
     log = open(log_path, "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "genesis_mlx", "serve", "--model", str(model_dir),
-         "--port", str(port), "--log-level", "WARNING", "--max-tokens", str(MAX_TOKENS)],
+         "--port", str(port), "--log-level", "WARNING", "--max-tokens", str(MAX_TOKENS),
+         *options],
         stdout=log, stderr=subprocess.STDOUT,
         # Ctrl-C as a terminal delivers it, even where the test runner ignores SIGINT.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -95,15 +102,21 @@ def stop(proc):
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    running = start_server(model_dir, tmp_path_factory.mktemp("log") / "server.log")
+    running = start_server(model_dir, tmp_path_factory.mktemp("log") / "server.log",
+                           "--max-tokens-limit", str(TOKENS_LIMIT),
+                           "--max-context", str(CONTEXT_LIMIT))
     yield running
     stop(running.proc)
 
 
+def client_of(server, timeout=REQUEST_TIMEOUT) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=timeout,
+                         max_retries=0)
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="none",
-                         timeout=REQUEST_TIMEOUT, max_retries=0)
+    return client_of(server)
 
 
 def chat(client, messages, stream, max_tokens=MAX_TOKENS, **options) -> Answer:
@@ -255,14 +268,18 @@ def http_error(call) -> int:
     return error.value.status_code
 
 
-BAD_REQUESTS = {
-    "unknown model": dict(model="someone/else"),
-    "negative max_tokens": dict(max_tokens=-1),
-    "a draft model": dict(extra_body={"draft_model": "someone/draft"}),
-    "top_k past the vocabulary": dict(temperature=0.5, extra_body={"top_k": 10**6}),
-    "logit_bias outside the vocabulary": dict(logit_bias={"99999999": 5}),
-    "xtc_threshold over 0.5": dict(temperature=0.5, extra_body={
-        "xtc_probability": 1.0, "xtc_threshold": 0.9}),
+BAD_REQUESTS = {  # what the request changes, the HTTP status it gets
+    "unknown model": (dict(model="someone/else"), 404),
+    "negative max_tokens": (dict(max_tokens=-1), 400),
+    "a draft model": (dict(extra_body={"draft_model": "someone/draft"}), 400),
+    "adapters of its own": (dict(extra_body={"adapters": "someone/adapters"}), 400),
+    "top_k past the vocabulary": (dict(temperature=0.5, extra_body={"top_k": 10**6}), 400),
+    "logit_bias outside the vocabulary": (dict(logit_bias={"99999999": 5}), 400),
+    "xtc_threshold over 0.5": (dict(temperature=0.5, extra_body={
+        "xtc_probability": 1.0, "xtc_threshold": 0.9}), 400),
+    "a negative seed": (dict(seed=-1), 400),
+    "empty messages": (dict(messages=[]), 400),
+    "a message without a role": (dict(messages=[{"content": "Hi"}]), 400),
 }
 
 
@@ -270,16 +287,78 @@ BAD_REQUESTS = {
 def test_a_bad_request_gets_an_http_error_and_serving_goes_on(server, client, reference, case):
     request = dict(model="default_model", messages=user("Hi"), max_tokens=MAX_TOKENS,
                    temperature=0)
-    request.update(BAD_REQUESTS[case])
-    assert 400 <= http_error(lambda: client.chat.completions.create(**request)) < 500
+    changes, status = BAD_REQUESTS[case]
+    request.update(changes)
+    assert http_error(lambda: client.chat.completions.create(**request)) == status
     assert healthy(server.url)
     assert_same(chat(client, user("Hi"), False), ours(reference, "Hi"), "Hi")
+
+
+def post_raw(server, path, body: bytes):
+    """(status, JSON body) of a POST with a body the openai client would not send."""
+    request = urllib.request.Request(f"{server.url}{path}", data=body,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "repetition_penalty"])
+def test_non_finite_numbers_are_refused(server, field):
+    """Python's JSON reads NaN and Infinity, which mlx-lm's range checks let through."""
+    for value in ("NaN", "Infinity"):
+        body = (f'{{"messages": [{{"role": "user", "content": "Hi"}}], "max_tokens": 3, '
+                f'"{field}": {value}}}').encode()
+        status, answer = post_raw(server, "/v1/chat/completions", body)
+        assert status == 400 and field in answer["error"], (status, answer)
+    assert healthy(server.url)
 
 
 def test_an_empty_prompt_gets_an_http_error(server, client):
     status = http_error(lambda: client.completions.create(model="default_model", prompt="",
                                                           max_tokens=MAX_TOKENS))
-    assert 400 <= status < 500 and healthy(server.url)
+    assert status == 400 and healthy(server.url)
+
+
+def test_the_models_endpoint_lists_the_served_model(server, client, model_dir):
+    """mlx-lm's lists the Hugging Face cache's models (an empty body where it has none)."""
+    assert [m.id for m in client.models.list()] == [str(model_dir)]
+    assert client.models.retrieve("default_model").id == "default_model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("someone/else")
+
+
+def test_max_tokens_is_lowered_to_the_servers_limit(server, client):
+    answer = client.chat.completions.create(model="default_model", messages=user("Hi"),
+                                            max_tokens=10**12, temperature=0)
+    assert answer.choices[0].finish_reason == "length"
+    assert answer.usage.completion_tokens == TOKENS_LIMIT
+
+
+def test_prompt_and_completion_stay_within_the_servers_context(server, client, reference):
+    """--max-context bounds prompt + completion: the completion stops there, a
+    prompt that fills it is refused."""
+    _, tokenizer = reference
+    text = "word " * (CONTEXT_LIMIT - 8)
+    n_prompt = len(tokenizer.encode(text))
+    assert CONTEXT_LIMIT - TOKENS_LIMIT < n_prompt < CONTEXT_LIMIT - 2
+    answer = client.completions.create(model="default_model", prompt=text,
+                                       max_tokens=TOKENS_LIMIT, temperature=0)
+    assert answer.usage.prompt_tokens == n_prompt
+    assert answer.usage.completion_tokens == CONTEXT_LIMIT - n_prompt
+    assert answer.choices[0].finish_reason == "length"
+    too_long = "word " * CONTEXT_LIMIT
+    assert http_error(lambda: client.completions.create(
+        model="default_model", prompt=too_long, max_tokens=MAX_TOKENS)) == 400
+
+
+def test_a_window_past_any_sequence_is_the_whole_sequence(server, client):
+    """mlx-lm slices the tokens with the penalty windows (32-bit indices)."""
+    answers = [chat(client, user("Why is the sky blue?"), False, extra_body={
+        "repetition_penalty": 1.5, "repetition_context_size": size}) for size in (10**12, 10**5)]
+    assert_same(answers[0], answers[1], "window")
 
 
 def test_the_model_is_known_by_its_path_too(server, client, model_dir, reference):
@@ -293,6 +372,77 @@ def test_ctrl_c_stops_the_server_cleanly(server):
     server.proc.send_signal(signal.SIGINT)
     assert server.proc.wait(60) == 0
     assert "Traceback" not in server.log.read_text()
+
+
+# A server whose requests may run long, but for a few seconds at most.
+TIME_LIMIT = 5.0
+
+
+@pytest.fixture(scope="module")
+def timed_server(model_dir, tmp_path_factory):
+    running = start_server(model_dir, tmp_path_factory.mktemp("log") / "timed.log",
+                           "--request-timeout", str(TIME_LIMIT),
+                           "--max-tokens-limit", "1000000", "--max-context", "2000000")
+    yield running
+    stop(running.proc)
+
+
+def cpu_seconds(pid) -> float:
+    """CPU time a process has used (Linux: /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_past_its_time_limit_ends_cut_for_length(timed_server, stream):
+    bound = TIME_LIMIT + 30  # a step past the limit, on a busy machine
+    client = client_of(timed_server, timeout=bound)
+    request = dict(model="default_model", messages=user("Hi"), max_tokens=10**12,
+                   temperature=0)
+    start = time.monotonic()
+    if stream:
+        chunks = []
+        for chunk in client.chat.completions.create(stream=True, **request):
+            chunks.append(chunk)
+            assert time.monotonic() - start < bound, "the answer went on past the time limit"
+        finish = chunks[-1].choices[0].finish_reason
+        assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) > 1
+    else:
+        answer = client.chat.completions.create(**request)
+        finish = answer.choices[0].finish_reason
+        assert answer.usage.completion_tokens > 1
+    assert finish == "length"
+    assert TIME_LIMIT <= time.monotonic() - start < bound
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/stat"), reason="needs /proc")
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_gave_up_stops_and_blocks_nothing(timed_server, reference,
+                                                                 stream):
+    """A request for endless tokens whose client gives up after a second: the server
+    stops decoding it (mlx-lm's decodes on, and a seeded request, which mlx-lm
+    serves alone once the batch has drained, then waits for it forever)."""
+    impatient = client_of(timed_server, timeout=1.0)
+    request = dict(model="default_model", messages=user("Hi"), max_tokens=10**12,
+                   temperature=0)
+    start = time.monotonic()
+    if stream:
+        chunks = impatient.chat.completions.create(stream=True, **request)
+        next(iter(chunks))
+        chunks.close()  # the client hangs up mid-answer
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            impatient.chat.completions.create(**request)
+    time.sleep(0.5)
+    before = cpu_seconds(timed_server.proc.pid)
+    time.sleep(2.0)
+    busy = cpu_seconds(timed_server.proc.pid) - before
+    assert time.monotonic() - start < TIME_LIMIT, "too slow to tell giving up from the limit"
+    assert busy < 0.3, f"the server used {busy:.2f} s of CPU in 2 s with no request to serve"
+    served = client_of(timed_server).chat.completions.create(
+        model="default_model", messages=user("Hi"), max_tokens=MAX_TOKENS, temperature=0,
+        seed=0)
+    assert served.choices[0].message.content == ours(reference, "Hi").text
 
 
 def one_line_refusal(args, capsys, *needles):
@@ -334,6 +484,8 @@ def test_serve_refuses_older_and_newer_directories(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("option,value", [
     ("--decode-concurrency", "0"), ("--max-tokens", "-5"),
     ("--prompt-cache-bytes", "2TB"), ("--chat-template-args", "{oops"),
+    ("--max-tokens-limit", "0"), ("--max-context", "-1"), ("--request-timeout", "nan"),
+    ("--request-timeout", "0"), ("--max-tokens", "5000"),  # above the default limit
 ])
 def test_serve_checks_its_options_before_loading(model_dir, capsys, option, value):
     """mlx-lm's server takes these as they come (a batch of 0, a traceback)."""

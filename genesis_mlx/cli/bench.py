@@ -1,4 +1,5 @@
 from ..benchmark import IMPLS, bench
+from ..checks import check_writable_file
 from ..conversion.convert import DTYPES
 from ..errors import GenesisError
 from .generate import add_revision_argument
@@ -38,6 +39,11 @@ def run(args):
     if unknown or not lengths or args.gen < 1 or args.reps < 1:
         raise GenesisError(f"bench: --compare takes {','.join(IMPLS[1:])}; lengths, --gen and "
                           "--reps must be positive")
+    if any(length < 1 for length in lengths):
+        raise GenesisError(f"--prompt-lengths {args.prompt_lengths}: each length must be at "
+                           "least 1 token")
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
     if args.revision is not None and args.model == "random":
         raise GenesisError("--revision pins a Hub download; --model random has none")
     bench(args.model, lengths, args.gen, args.reps, compare, args.json, revision=args.revision,

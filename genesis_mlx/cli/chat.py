@@ -57,6 +57,20 @@ def answer(session: ChatSession, line: str):
         notice("answer stopped")
 
 
+NOT_UTF8 = "that line is not UTF-8 text; type it again (or set the terminal to UTF-8)"
+
+
+def read_line() -> str:
+    """The user's next line. Bytes that are not UTF-8 come through ``input`` as lone
+    surrogates (or, where stdin is strict, as an error), which no tokenizer reads."""
+    try:
+        line = input("User: ")
+        line.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise GenesisError(NOT_UTF8) from None
+    return line.strip()
+
+
 def run(args):
     sampling = sampling_from(args)
     model, tokenizer = load_from(args)
@@ -65,12 +79,15 @@ def run(args):
     notice(HELP)
     while True:
         try:
-            line = input("User: ").strip()
+            line = read_line()
         except EOFError:
             print()
             return 0
         except KeyboardInterrupt:
             print()
+            continue
+        except GenesisError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
             continue
         if not line:
             continue

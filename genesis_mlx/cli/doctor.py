@@ -1,5 +1,6 @@
 """genesis-mlx doctor (the checks: genesis_mlx/doctor.py)."""
 
+from ..checks import check_writable_file
 from ..doctor import run_doctor
 
 
@@ -12,4 +13,6 @@ def add_arguments(p):
 
 
 def run(args):
+    if args.json is not None:
+        check_writable_file(args.json, "--json")
     return run_doctor(args.json, args.quick)

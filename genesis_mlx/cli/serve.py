@@ -1,10 +1,12 @@
 """``genesis-mlx serve``: mlx-lm's OpenAI-compatible server on any model source."""
 
 import json
+import math
 import re
 
 from ..errors import GenesisError
 from ..generation.steps import PREFILL_STEP
+from ..serving import Limits
 from .generate import add_revision_argument
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
@@ -27,7 +29,8 @@ PASSED_ON = [
     ("--chat-template-args", str, "JSON for the chat template, e.g. '{\"key\": 1}' "
                                   "(default: none)"),
 ]
-POSITIVE = ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size")
+POSITIVE = ("max_tokens", "decode_concurrency", "prompt_concurrency", "prefill_step_size",
+            "max_tokens_limit", "max_context")
 
 
 def add_arguments(p):
@@ -47,6 +50,17 @@ def add_arguments(p):
     # Our generate's prompt piece (mlx-lm's 2048 holds twice the FoX scores in memory).
     p.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP,
                    help="prompt tokens read per step (default: %(default)s)")
+    # What one request may take (genesis-mlx's own bounds; mlx-lm's server has none).
+    p.add_argument("--max-tokens-limit", type=int, default=Limits.max_tokens,
+                   help="the most tokens one request may generate; a larger max_tokens is "
+                        "lowered to it (default: %(default)s)")
+    p.add_argument("--max-context", type=int, default=Limits.max_context,
+                   help="the most tokens a request's prompt and completion may hold together: "
+                        "a longer prompt is refused (HTTP 400), a completion stops there "
+                        "(default: %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=Limits.timeout,
+                   help="seconds a request may take from its arrival; its completion ends "
+                        "there, with finish_reason 'length' (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=LOG_LEVELS,
                    help="how much mlx-lm's server logs (default: %(default)s)")
 
@@ -56,6 +70,12 @@ def check(args):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise GenesisError(f"--{name.replace('_', '-')} {value}: must be positive")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise GenesisError(f"--request-timeout {args.request_timeout}: must be a positive "
+                           "number of seconds")
+    if args.max_tokens is not None and args.max_tokens > args.max_tokens_limit:
+        raise GenesisError(f"--max-tokens {args.max_tokens} is above --max-tokens-limit "
+                           f"{args.max_tokens_limit}; lower it, or raise --max-tokens-limit")
     if not 0 < args.port < 65536:
         raise GenesisError(f"--port {args.port}: must be in 1-65535")
     # mlx-lm's own parser answers these with a traceback or a usage text.
@@ -83,8 +103,12 @@ def server_argv(args) -> list:
     return argv
 
 
+def limits_of(args) -> Limits:
+    return Limits(args.max_tokens_limit, args.max_context, args.request_timeout)
+
+
 def run(args):
     from ..serving import serve
 
     check(args)
-    serve(args.model, server_argv(args), args.revision, args.tokenizer)
+    serve(args.model, server_argv(args), args.revision, args.tokenizer, limits_of(args))

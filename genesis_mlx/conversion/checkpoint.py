@@ -10,7 +10,8 @@ from mlx.utils import tree_flatten
 from safetensors import SafetensorError, safe_open
 
 from ..errors import GenesisError
-from ..model.genesis import Model, ModelArgs, unsupported_config_reason
+from ..model.genesis import Model, ModelArgs
+from .config_check import check_config
 from .mlx_lm_files import MODEL_FILE
 
 CONFIG_KEY = "genesis_config_json"
@@ -70,18 +71,12 @@ def config_from_metadata(path: Path, metadata: dict) -> Dict:
     return config
 
 
-def validate_config(config: Dict) -> ModelArgs:
-    n_embd, n_head = config.get("n_embd", 768), config.get("n_head", 12)
-    n_kv = config.get("n_kv_head", 4)
-    if n_head <= 0 or n_embd % n_head:
-        raise GenesisError(f"config: n_embd={n_embd} is not divisible by n_head={n_head}")
-    if n_kv <= 0 or n_head % n_kv:
-        raise GenesisError(f"config: n_head={n_head} is not divisible by n_kv_head={n_kv}")
-    args = ModelArgs.from_dict(config)
-    reason = unsupported_config_reason(args)
-    if reason:
-        raise GenesisError(f"config: {reason} is not supported by genesis-mlx")
-    return args
+def validate_config(config: Dict, tensors: Optional[Dict[str, Tuple[list, str]]] = None,
+                    where: str = "config", described: str = "the config") -> ModelArgs:
+    """A reference config (the reference's defaults stand in for missing fields),
+    checked field by field and against the checkpoint's ``tensors``."""
+    return check_config(config, tensors or {}, where, "the checkpoint and its config "
+                        "disagree, or it is damaged", described)
 
 
 def check_weights(model: Model, weights: Dict[str, mx.array], source: Path, config: str):
@@ -115,12 +110,12 @@ def load_reference_checkpoint(path: Path) -> Tuple[ModelArgs, Dict[str, mx.array
     # The vocabulary size comes from the weights (the chat tokens were added after
     # the config was written).
     config["vocab_size"] = int(tensors["tok_emb.weight"][0][0])
-    args = validate_config(config)
+    described = f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG
+    args = validate_config(config, tensors, str(path), described)
     try:
         weights = mx.load(str(path))
     except Exception as e:  # mlx raises plain RuntimeError/ValueError here
         raise GenesisError(f"{path}: cannot read tensors ({e})") from None
-    described = f"its {CONFIG_KEY}" if CONFIG_KEY in metadata else ASSUMED_CONFIG
     # Shapes first, on a model without the RoPE buffers: a checkpoint of another shape
     # is named as such, not as RoPE frequencies that do not fit its heads.
     plain = Model(args)
@@ -184,11 +179,28 @@ def check_revision(src: str, revision: Optional[str]):
                            "pins a Hub download); leave --revision out for local files")
 
 
+def is_converted_by_us(directory: Path) -> bool:
+    """A directory genesis-mlx converted (its config.json says so)."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and ("genesis_mlx_format" in config
+                                         or config.get("model_type") == "genesis")
+
+
 def resolve_source(src: str, revision: Optional[str] = None) -> Path:
     """A local .safetensors, a directory holding one, or a Hub repo id (at
-    ``revision``: a commit, branch or tag; None: the default branch) -> local file."""
+    ``revision``: a commit, branch or tag; None: the default branch) -> local file.
+    A model genesis-mlx converted is not one: its weights are MLX's, without the
+    reference's config."""
     check_revision(src, revision)
     path = Path(src).expanduser()
+    directory = path if path.is_dir() else path.parent
+    if path.exists() and is_converted_by_us(directory):
+        raise GenesisError(f"{src} is a model genesis-mlx converted, not a reference "
+                           "checkpoint; pass it as --model to the other commands as it is "
+                           "(convert reads the reference .safetensors)")
     if path.is_dir():
         return find_checkpoint_file(path)
     if path.exists():

@@ -40,14 +40,16 @@ def quantize(model: nn.Module, config: dict, bits: int, group_size: int) -> dict
     return config
 
 
-def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], None]) -> Path:
+def write_model_dir(out: Path, model: nn.Module, write_rest: Callable[[Path], None],
+                    force: bool, flag: str) -> Path:
     """Writes model.safetensors plus what ``write_rest`` adds, staged, then moved into
-    place: an interrupted run leaves no half-written model."""
+    place: an interrupted run leaves no half-written model. ``out`` was checked with
+    check_output_dir(out, force, flag)."""
     def fill(staging: Path):
         save_model(staging, model)
         write_rest(staging)
 
-    return write_output_dir(out, fill, MODEL)
+    return write_output_dir(out, fill, MODEL, force, flag)
 
 
 def build_model_tokenizer(source: Optional[str], vocab_size: int, context: int):
@@ -124,8 +126,18 @@ def convert(
         if tok is not None:
             write_tokenizer(tok, staging)
 
-    return write_model_dir(out, model, write_rest)
+    return write_model_dir(out, model, write_rest, force, "--mlx-path")
 
 def read_config(model_dir: Path) -> dict:
-    with open(model_dir / "config.json") as f:
-        return json.load(f)
+    """A model directory's config.json as a dict, or a one-line error."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise GenesisError(f"cannot read {path} ({e.strerror or e})") from None
+    except ValueError as e:  # UnicodeDecodeError too
+        raise GenesisError(f"{path} is not valid JSON ({e}); convert the checkpoint "
+                           "again") from None
+    if not isinstance(config, dict):
+        raise GenesisError(f"{path} is not a JSON object; convert the checkpoint again")
+    return config

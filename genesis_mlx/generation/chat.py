@@ -2,12 +2,17 @@
 tokens. Rendering follows the reference CLI (ChatML with a newline before
 ``<|im_end|>``); the assistant's answers stay in the state as generated."""
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
+from ..conversion.checkpoint import read_safetensors_header, safetensors_damage
 from ..conversion.tokenizer import (ASSISTANT_START, DEFAULT_SYSTEM_PROMPT, chatml_turn,
                                      render_chat)
 from ..errors import GenesisError
@@ -34,6 +39,39 @@ def session_path(path: str) -> Path:
     return target
 
 
+def weights_fingerprint(model, samples: int = 16) -> str:
+    """A hash of a few values of every parameter (adapters included), at fixed
+    positions: a session's decoding state means something only to the weights that
+    wrote it. Raw values, not sums, so every backend agrees."""
+    names, picks = [], []
+    for name, value in sorted(tree_flatten(model.parameters())):
+        flat = value.reshape(-1)
+        at = mx.array(np.linspace(0, flat.size - 1, min(samples, flat.size)).astype(np.int32))
+        kind = mx.float32 if mx.issubdtype(value.dtype, mx.floating) else mx.int64
+        names.append(name)
+        picks.append(flat[at].astype(kind))
+    mx.eval(picks)
+    digest = hashlib.sha256()
+    for name, values in zip(names, picks):
+        digest.update(name.encode())
+        digest.update(np.array(values).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def session_metadata(path: Path) -> dict:
+    """The metadata of a file /save wrote, or a one-line error saying what it is."""
+    if not path.is_file():
+        raise GenesisError(f"cannot load chat session {path}: no such file")
+    damage = safetensors_damage(path)
+    if damage:
+        raise GenesisError(f"{path} is damaged or incomplete ({damage}); it cannot be loaded")
+    metadata, _ = read_safetensors_header(path)
+    if "0.history" not in metadata:
+        raise GenesisError(f"{path} is not a chat session (a file /save writes); /load one "
+                           "of those")
+    return metadata
+
+
 class ChatSession:
     def __init__(self, model, tokenizer, sampling: Optional[SamplingOptions] = None,
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT, max_tokens: int = 256,
@@ -44,6 +82,7 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.system_prompt = system_prompt
         self.session_file: Optional[Path] = None  # the file this session saved or loaded
+        self.weights = weights_fingerprint(model)
         self.reset()
 
     def reset(self):
@@ -133,7 +172,7 @@ class ChatSession:
                                f"{target.parent}; create it first, or save elsewhere")
         meta = {"history": json.dumps(self.history), "system_prompt": self.system_prompt,
                 "n_tokens": str(self.n_tokens), "open_answer": str(int(self.open_answer)),
-                "cache_layout": str(CACHE_LAYOUT)}
+                "cache_layout": str(CACHE_LAYOUT), "weights": self.weights}
         try:
             save_prompt_cache(str(target), self.cache, meta)
         except (OSError, RuntimeError) as e:  # MLX says RuntimeError for an unwritable file
@@ -143,6 +182,7 @@ class ChatSession:
 
     def load(self, path: str) -> Path:
         path = session_path(path)
+        session_metadata(path)
         try:
             cache, meta = load_prompt_cache(str(path), return_metadata=True)
         except Exception as e:
@@ -152,6 +192,10 @@ class ChatSession:
         if meta.get("cache_layout") != str(CACHE_LAYOUT):
             raise GenesisError(f"{path} was saved by an older genesis-mlx, whose decoding "
                                "state this version lays out differently; start a new session")
+        if meta.get("weights") != self.weights:
+            raise GenesisError(f"{path} was saved with another model's weights (or adapters), "
+                               "whose decoding state means nothing to this one; load it into "
+                               "the model it was saved with, or start a new session")
         self.cache, self.history = cache, json.loads(meta["history"])
         self.system_prompt = meta["system_prompt"]
         self.n_tokens, self.open_answer = int(meta["n_tokens"]), meta["open_answer"] == "1"

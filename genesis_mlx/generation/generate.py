@@ -19,6 +19,9 @@ from ..checks import check_finite, check_seed
 from ..errors import GenesisError
 from .steps import generate_step
 
+# mlx slices and indexes with 32-bit integers.
+MAX_INDEX = 2**31 - 1
+
 # The reference CLI's defaults (genesis/cli.py).
 DEFAULT_TEMP = 0.7
 DEFAULT_TOP_K = 50
@@ -53,8 +56,11 @@ class SamplingOptions:
                 f"--repetition-penalty {self.repetition_penalty}: must be > 0 (1 disables it)"
             )
 
-    def sampler(self):
-        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
+    def sampler(self, vocab_size: Optional[int] = None):
+        """mlx-lm's sampler. A top_k of ``vocab_size`` or more keeps every token, as
+        0 does (mlx-lm refuses it)."""
+        top_k = 0 if vocab_size is not None and self.top_k >= vocab_size else self.top_k
+        return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=top_k)
 
     def logits_processors(self, context: int):
         if self.repetition_penalty == 1.0:
@@ -113,9 +119,12 @@ def stream_generate(
     tokens = truncate_left(tokens, model.args.block_size)
     if sampling.seed is not None:
         mx.random.seed(sampling.seed)
-    context = model.args.block_size + max(max_tokens, 0) + 1_000_000
+    # The repetition penalty's window: every token there can be (past 2**31 - 1, the
+    # window is the whole sequence anyway).
+    context = min(model.args.block_size + max(max_tokens, 0) + 1_000_000, MAX_INDEX)
     steps = generate_step(
-        mx.array(tokens), model, max_tokens=max_tokens, sampler=sampling.sampler(),
+        mx.array(tokens), model, max_tokens=max_tokens,
+        sampler=sampling.sampler(model.args.vocab_size),
         logits_processors=sampling.logits_processors(context),
         prompt_cache=prompt_cache if prompt_cache is not None else model.make_cache(kv_bits),
     )

@@ -2,6 +2,7 @@
 
 import fnmatch
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,7 @@ from typing import Optional
 from mlx.utils import tree_unflatten
 from mlx_lm.utils import save_config
 
+from ..conversion.checkpoint import safetensors_damage
 from ..conversion.convert import (build_model_tokenizer, read_config, stop_token_ids,
                                   write_model_dir)
 from ..conversion.mlx_lm_files import write_model_file, write_tokenizer
@@ -23,14 +25,67 @@ def check_adapters_exist(path: Path):
                            "adapters.safetensors (written by genesis-mlx lora)")
 
 
+def is_count(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def adapter_config_problem(config) -> str:
+    """What mlx-lm's adapter loading would fail on (a traceback) in an
+    adapter_config.json ('' if nothing)."""
+    if not isinstance(config, dict):
+        return "is not a JSON object"
+    if not is_count(config.get("num_layers")):
+        return "'num_layers' must be an integer >= 1"
+    if config.get("fine_tune_type", "lora") not in ("lora", "dora", "full"):
+        return "'fine_tune_type' must be 'lora', 'dora' or 'full'"
+    if config.get("fine_tune_type", "lora") == "full":
+        return ""
+    lora = config.get("lora_parameters")
+    if not isinstance(lora, dict):
+        return "'lora_parameters' must be an object (rank, scale, dropout)"
+    if not is_count(lora.get("rank")):
+        return "'lora_parameters.rank' must be an integer >= 1"
+    if not is_number(lora.get("scale")):
+        return "'lora_parameters.scale' must be a finite number"
+    if not (is_number(lora.get("dropout")) and 0 <= lora["dropout"] < 1):
+        return "'lora_parameters.dropout' must be a number in [0, 1)"
+    keys = lora.get("keys")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        return "'lora_parameters.keys' must be a list of layer names"
+    return ""
+
+
+def check_adapters(path: Path) -> dict:
+    """An adapter directory's files, whole and readable: its config, checked."""
+    check_adapters_exist(path)
+    config_path = path / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        problem = adapter_config_problem(config)
+    except (OSError, ValueError) as e:
+        problem = f"cannot be read ({e})"
+    if problem:
+        raise GenesisError(f"{config_path} {problem}; train the adapters again "
+                           "(genesis-mlx lora)")
+    damage = safetensors_damage(path / "adapters.safetensors")
+    if damage:
+        raise GenesisError(f"{path / 'adapters.safetensors'} is damaged or incomplete "
+                           f"({damage}); train the adapters again (genesis-mlx lora)")
+    return config
+
+
 def load_adapters(model, adapter_path: str):
     """mlx-lm's adapter loading, with one-line errors for the usual mistakes."""
     from mlx_lm.tuner.utils import load_adapters as mlx_load_adapters
 
     path = Path(adapter_path)
-    check_adapters_exist(path)
-    config = json.loads((path / "adapter_config.json").read_text())
-    if config.get("num_layers", 0) > len(model.layers):
+    config = check_adapters(path)
+    if config["num_layers"] > len(model.layers):
         raise GenesisError(f"the adapters in {path} were trained for a model with at least "
                            f"{config['num_layers']} layers; this one has {len(model.layers)}")
     try:
@@ -86,4 +141,4 @@ def fuse(model, model_dir: Path, save_path: str, force: bool = False,
         save_config(config, staging / "config.json")
         write_model_card(staging, config, out.name, fused=True)
 
-    return write_model_dir(out, model, write_rest)
+    return write_model_dir(out, model, write_rest, force, "--save-path")

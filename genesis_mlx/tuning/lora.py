@@ -6,6 +6,7 @@ checking the user's data and paths before anything runs."""
 import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import types
@@ -15,8 +16,10 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..checks import check_at_least_one, check_finite, check_seed
+from ..conversion.checkpoint import read_safetensors_header, safetensors_damage
 from ..errors import GenesisError
-from ..output_dir import ADAPTERS, check_output_dir, remove_our_files
+from ..output_dir import (ADAPTERS, check_output_dir, is_write_error, listing,
+                          write_error_reason, write_output_dir)
 from .adapters import check_adapters_exist, load_adapters
 
 # Projections that get adapters: attention (GLA and FoX) and the FFN. The per-head
@@ -35,6 +38,25 @@ def data_format(record) -> Optional[str]:
         for keys in DATA_FORMATS:
             if keys <= record.keys():
                 return "/".join(sorted(keys))
+    return None
+
+
+def record_problem(record: dict, kind: str) -> Optional[str]:
+    """What mlx-lm would fail on (a traceback) or train on as garbage (a null rendered
+    as the text "None") in a record of format ``kind``."""
+    if kind == "text":
+        text = record["text"]
+        return None if isinstance(text, str) and text else "'text' must be a non-empty string"
+    if kind == "completion/prompt":
+        if not all(isinstance(record[key], str) for key in ("prompt", "completion")):
+            return "'prompt' and 'completion' must be strings"
+        return None
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list"
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+               and isinstance(m.get("content"), str) for m in messages):
+        return "each message must be an object with 'role' and 'content' strings"
     return None
 
 
@@ -57,6 +79,9 @@ def check_jsonl(path: Path) -> Tuple[int, Optional[str]]:
                 raise GenesisError(
                     f"{path}:{number}: expected an object with 'messages', 'prompt' and "
                     "'completion', or 'text'")
+            problem = record_problem(record, kind)
+            if problem:
+                raise GenesisError(f"{path}:{number}: {problem}")
             first = first or kind
             if kind != first:
                 raise GenesisError(f"{path}:{number}: '{kind}' record in a file of '{first}' "
@@ -122,6 +147,57 @@ def check_adapter_dir(adapter_path: Path, resume: Optional[str], force: bool):
     check_output_dir(adapter_path, force or resume is not None, "--adapter-path", ADAPTERS)
 
 
+def resume_tensors(resume: str, rank: int) -> dict:
+    """The adapters --resume-adapter-file holds (name -> (shape, dtype)): a whole
+    file of LoRA adapters of the run's rank (mlx-lm loads what fits, silently)."""
+    flag = f"--resume-adapter-file {resume}"
+    damage = safetensors_damage(Path(resume))
+    if damage:
+        raise GenesisError(f"{flag} is damaged or incomplete ({damage}); pass a whole "
+                           "adapters file (a NNNNNNN_adapters.safetensors checkpoint, say)")
+    _, tensors = read_safetensors_header(Path(resume))
+    others = sorted(n for n in tensors if not n.endswith((".lora_a", ".lora_b")))
+    if not tensors or others:
+        what = f"other weights ({listing(others)})" if others else "nothing"
+        raise GenesisError(f"{flag} holds {what}, not LoRA adapters; pass an "
+                           "adapters.safetensors written by genesis-mlx lora")
+    ranks = sorted({shape[1] for name, (shape, _) in tensors.items() if name.endswith(".lora_a")})
+    if ranks != [rank]:
+        raise GenesisError(f"{flag} holds adapters of rank {listing([str(r) for r in ranks])}, "
+                           f"not --rank {rank}; pass --rank {ranks[0]} to resume them")
+    return tensors
+
+
+def linear_dims(layer) -> Tuple[int, int]:
+    """(input, output) width of a Linear or QuantizedLinear (packed input)."""
+    out_dims, in_dims = layer.weight.shape
+    bits = getattr(layer, "bits", None)
+    return (in_dims * 32 // bits if bits else in_dims), out_dims
+
+
+def check_resume_fits(resume: str, tensors: dict, model, num_layers: int, rank: int):
+    """Each adapter names a projection this run adapts, at its shape."""
+    first = len(model.layers) - num_layers
+    adapted = {}
+    for name, layer in model.named_modules():
+        match = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        if match and int(match.group(1)) >= first and match.group(2) in LORA_KEYS:
+            adapted[name] = layer
+    for name, (shape, _) in sorted(tensors.items()):
+        module, leaf = name.rsplit(".", 1)
+        if module not in adapted:
+            raise GenesisError(
+                f"--resume-adapter-file {resume} holds an adapter for {module}, which this "
+                f"run does not adapt (--num-layers {num_layers}: blocks {first} to "
+                f"{len(model.layers) - 1}); pass the --num-layers it was trained with")
+        in_dims, out_dims = linear_dims(adapted[module])
+        want = (in_dims, rank) if leaf == "lora_a" else (rank, out_dims)
+        if tuple(shape) != want:
+            raise GenesisError(
+                f"--resume-adapter-file {resume}: {name} has shape {tuple(shape)}, this model "
+                f"needs {want}; were the adapters trained on another model?")
+
+
 def check_run(args: types.SimpleNamespace, model=None):
     """Everything checkable before training, given run_lora's ``args``; the layer
     count once ``model`` is loaded."""
@@ -129,14 +205,17 @@ def check_run(args: types.SimpleNamespace, model=None):
                   args.lora_parameters["rank"], args.seed, args.learning_rate,
                   args.lora_parameters["scale"])
     check_data(Path(args.data), args.train, args.test, args.batch_size, args.mask_prompt)
+    rank, resume = args.lora_parameters["rank"], args.resume_adapter_file
     if args.train:
-        check_adapter_dir(Path(args.adapter_path), args.resume_adapter_file,
-                          getattr(args, "force", False))
+        check_adapter_dir(Path(args.adapter_path), resume, getattr(args, "force", False))
+        tensors = resume_tensors(resume, rank) if resume is not None else None
     else:
         check_adapters_exist(Path(args.adapter_path))
     if model is not None and args.num_layers > len(model.layers):
         raise GenesisError(f"--num-layers {args.num_layers}: the model has "
                            f"{len(model.layers)} layers")
+    if model is not None and args.train and resume is not None:
+        check_resume_fits(resume, tensors, model, args.num_layers, rank)
 
 
 def check_world(batch_size: int):
@@ -227,31 +306,53 @@ def print_run(args):
           flush=True)
 
 
+def keep_whole_saves(staging: Path) -> bool:
+    """After a run stopped early: drops the files a save left cut short; whether
+    whole adapters remain (then the run's saves are worth keeping)."""
+    for path in staging.glob("*adapters.safetensors"):
+        if safetensors_damage(path):
+            path.unlink()
+    return (staging / "adapters.safetensors").is_file()
+
+
 def train_adapters(args: types.SimpleNamespace, model, train_set, valid_set, callback):
-    """mlx-lm's training; with --force, our earlier adapters go first (no old
-    checkpoints mixed with the new ones). mlx-lm writes adapter_config.json before the
-    first step: a run stopped before any adapters are saved takes it back."""
+    """mlx-lm's training, into a staging directory that is then moved into place as
+    convert writes a model (output_dir): the adapter directory never holds a file cut
+    short (a full disk), nor adapters and a config of two runs. A run stopped early
+    (Ctrl-C, a failure) keeps what it saved whole by then, if it saved adapters at
+    all; else the directory is left as it was. With --force our earlier adapters go
+    first; resuming keeps those the run does not replace."""
     from mlx_lm.lora import train_model
 
-    adapter_dir = Path(args.adapter_path)
-    made = not adapter_dir.exists()
-    if not made and getattr(args, "force", False) and args.resume_adapter_file is None:
-        remove_our_files(adapter_dir, ADAPTERS)
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    log_path = adapter_dir / TRAIN_LOG
-    log_path.unlink(missing_ok=True)
+    target = Path(args.adapter_path).expanduser().resolve()
+    stopped = []
     print_run(args)
-    try:
-        callback = callback or progress_callback(log_path)
-        with without_mlx_lm_display():
-            train_model(args, model, train_set, valid_set, callback)
-    except BaseException:
-        if not any(adapter_dir.glob("*adapters.safetensors")):
-            (adapter_dir / "adapter_config.json").unlink(missing_ok=True)
-            log_path.unlink(missing_ok=True)
-            if made and adapter_dir.is_dir() and not any(adapter_dir.iterdir()):
-                adapter_dir.rmdir()
-        raise
+
+    def fill(staging: Path):
+        run = types.SimpleNamespace(**{**vars(args), "adapter_path": str(staging)})
+        try:
+            with without_mlx_lm_display():
+                train_model(run, model, train_set, valid_set,
+                            callback or progress_callback(staging / TRAIN_LOG))
+        except BaseException as stop:
+            if not keep_whole_saves(staging):
+                raise
+            stopped.append(stop)
+        # mlx-lm records the directory it wrote to: the staging one.
+        config_path = staging / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps(dict(config, adapter_path=str(target)), indent=4,
+                                          sort_keys=True))
+
+    resume = args.resume_adapter_file is not None
+    write_output_dir(target, fill, ADAPTERS, force=getattr(args, "force", False) or resume,
+                     flag="--adapter-path", keep_others=resume)
+    if stopped and is_write_error(stopped[0]):
+        raise GenesisError(f"cannot write the adapters to {target} "
+                           f"({write_error_reason(stopped[0])}); it keeps those saved whole "
+                           "before; check the disk space") from None
+    if stopped:
+        raise stopped[0]
 
 
 def run_lora(model, tokenizer, args: types.SimpleNamespace, callback=None):
