@@ -93,11 +93,11 @@ def within_bounds(responses, request):
 
 
 def servable_dir(src: str, revision: Optional[str] = None,
-                 tokenizer: Optional[str] = None) -> Path:
+                 tokenizer: Optional[str] = None, dtype: Optional[str] = None) -> Path:
     """A converted directory mlx-lm's server can be told to trust: its model file
     is genesis-mlx's own, its format is one this version reads, its config fits its
     weights (mlx-lm builds the model from it unchecked)."""
-    model_dir = resolve_model_dir(src, tokenizer, revision)
+    model_dir = resolve_model_dir(src, tokenizer, revision, dtype)
     config = read_config(model_dir)
     written = directory_format(model_dir)
     if written > FORMAT_VERSION:
@@ -359,11 +359,13 @@ def first_line(error: BaseException) -> str:
 
 
 def serve(src: str, server_args: List[str], revision: Optional[str] = None,
-          tokenizer: Optional[str] = None, limits: Limits = Limits()):
+          tokenizer: Optional[str] = None, limits: Limits = Limits(),
+          dtype: Optional[str] = None):
     """Runs mlx-lm's server on ``src`` (any model source) until Ctrl-C.
     ``server_args``: mlx-lm server options (--host, --port, --max-tokens, ...);
-    ``limits``: what one request may take."""
-    model_dir = servable_dir(src, revision, tokenizer)
+    ``limits``: what one request may take; ``dtype``: what a first-use conversion
+    converts to."""
+    model_dir = servable_dir(src, revision, tokenizer, dtype)
     names = {src, str(model_dir), str(model_dir.resolve())}
     argv = ["--model", str(model_dir), "--trust-remote-code", *server_args]
     print(f"[genesis-mlx] serving {model_dir} with mlx-lm's server", file=sys.stderr, flush=True)

@@ -12,7 +12,10 @@ newest version tested; .ci/bounds runs these at both ends):
   which tuning/lora.py quiets;
 - ``mlx_lm.utils.create_model_card``, called by mlx-lm's ``save`` through its module,
   which mlx_lm_cli.py replaces for Genesis directories;
-- mlx-lm's list of tools, which ``genesis-mlx lm`` checks TOOL against.
+- mlx-lm's list of tools, which ``genesis-mlx lm`` checks TOOL against;
+- ``ResponseGenerator._tokenize`` (the server's prompt rendering, which serving.py
+  runs in the request's own thread to refuse a bad prompt with HTTP 400) and
+  ``server._run_http_server`` taking a handler class (the bounded request handler).
 """
 
 import ast
@@ -143,3 +146,21 @@ def test_mlx_lms_tools_are_the_ones_genesis_mlx_lm_knows():
     assert result.returncode == 0, result.stderr
     listed = result.stdout.split("The supported subcommands are", 1)[1].splitlines()[0]
     assert sorted(ast.literal_eval(listed.strip())) == sorted(TOOLS)
+
+
+def test_the_servers_prompt_rendering_and_http_loop_take_what_serving_passes():
+    """serving.py renders a request's prompt with ``_tokenize(tokenizer, request,
+    args)`` (args: an object with ``chat_template_kwargs``) and starts the HTTP loop
+    with its own handler class."""
+    import inspect
+
+    from mlx_lm import server
+
+    params = list(inspect.signature(server.ResponseGenerator._tokenize).parameters)
+    assert params == ["self", "tokenizer", "request", "args"]
+    source = inspect.getsource(server.ResponseGenerator._tokenize)
+    assert "args.chat_template_kwargs" in source
+    run = inspect.signature(server._run_http_server)
+    assert list(run.parameters)[:3] == ["host", "port", "response_generator"]
+    assert "handler_class" in run.parameters
+    assert isinstance(server.CompletionRequest, type) and hasattr(server, "ModelDescription")

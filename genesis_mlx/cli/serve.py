@@ -7,7 +7,7 @@ import re
 from ..errors import GenesisError
 from ..generation.steps import PREFILL_STEP
 from ..serving import Limits
-from .generate import add_revision_argument
+from .generate import add_dtype_argument, add_revision_argument
 
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -38,6 +38,7 @@ def add_arguments(p):
                    help="Hub repo id, converted model directory or reference .safetensors "
                         "(required)")
     add_revision_argument(p)
+    add_dtype_argument(p)
     p.add_argument("--tokenizer", default=None,
                    help="GPT-NeoX tokenizer.json, to convert a raw checkpoint offline "
                         "(default: the model's own)")
@@ -111,4 +112,5 @@ def run(args):
     from ..serving import serve
 
     check(args)
-    serve(args.model, server_argv(args), args.revision, args.tokenizer, limits_of(args))
+    serve(args.model, server_argv(args), args.revision, args.tokenizer, limits_of(args),
+          args.dtype)
