@@ -643,3 +643,33 @@ def test_a_full_disk_during_convert_is_one_line_and_the_old_model_stays(
         one_line_error_in_process(outcome, f"cannot write {out}", "disk space")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert not (tmp_path / "new").exists() and not list(tmp_path.glob(".genesis*"))
+
+
+def test_first_use_conversion_is_by_device_with_dtype_overriding_it(demo_checkpoint,
+                                                                   tokenizer_path, tmp_path,
+                                                                   monkeypatch):
+    """A raw checkpoint converted on first use: float32 on the CPU, bfloat16 where the
+    default device is a GPU (decoding reads every weight once a token), --dtype over
+    either; each dtype is a conversion of its own in the cache."""
+    import mlx.core as mx
+
+    from genesis_mlx import loading
+    from genesis_mlx.conversion import convert as conversion
+
+    monkeypatch.setattr(loading, "CACHE_ROOT", tmp_path / "cache")
+
+    def weight_dtype(model):
+        return model.blocks[0].attn.q_proj.weight.dtype
+
+    assert conversion.device_dtype() == "float32" and mx.default_device() == mx.cpu
+    on_cpu, _ = load(str(demo_checkpoint), tokenizer=tokenizer_path)
+    assert weight_dtype(on_cpu) == mx.float32
+    half, _ = load(str(demo_checkpoint), tokenizer=tokenizer_path, dtype="bfloat16")
+    assert weight_dtype(half) == mx.bfloat16
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 2
+    monkeypatch.setattr(conversion.mx, "default_device", lambda: mx.Device(mx.gpu))
+    assert conversion.device_dtype() == "bfloat16"
+    assert loading.resolve_model_dir(str(demo_checkpoint), tokenizer_path) == \
+        loading.resolve_model_dir(str(demo_checkpoint), tokenizer_path, dtype="bfloat16")
+    with pytest.raises(GenesisError, match="--dtype float8"):
+        loading.resolve_model_dir(str(demo_checkpoint), tokenizer_path, dtype="float8")
