@@ -1,5 +1,6 @@
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +45,165 @@ def tokens(T, B=1, vocab=512, seed=0):
     return np.random.RandomState(seed + T).randint(0, vocab, (B, T))
 
 
-def logits_tolerance(reference):
-    return 1e-4 * max(1.0, float(np.abs(reference).max()))
+# --- Tolerances -----------------------------------------------------------------
+# A comparison of float32 results allows what float32 rounding explains: derived where
+# a bound is known (a dot product, an exponential), otherwise measured on the spot
+# against a float64 computation of the same thing, so that it follows the CPU, the
+# BLAS and the weights at hand rather than one machine's figure.
+
+# float32's unit roundoff: one rounding moves a value by at most this, relative.
+U32 = 2.0**-24
+# float32's smallest normal number: below it results may be flushed to 0.
+SMALLEST_NORMAL = 2.0**-126
+
+# How far apart in rounding two float32 evaluations of one computation may be. They
+# differ in the order they accumulate in (BLAS blocking, SIMD lanes, a chunked scan
+# against a recurrence, a fused kernel against separate ops). A sum's rounding grows
+# like the square root of its accumulation chain's length for independent errors, and
+# SIMD shortens a chain by its lane count, at most 16 float32 lanes (AVX-512): so an
+# evaluation may round up to sqrt(16) = 4 times as much as the measured one, and two
+# evaluations, each within that, are up to 2 * 4 of it apart.
+SPREAD = 4
+
+
+@dataclass
+class Rounding:
+    """The float32 rounding of a computation on given inputs: ``error``, the largest
+    |float32 - float64| over its results, and ``scale``, their largest magnitude."""
+
+    error: float
+    scale: float
+
+    def floor(self) -> float:
+        # The results' own last rounding (one float32 spacing at the largest):
+        # what no evaluation can promise better than.
+        return float(np.spacing(np.float32(self.scale)))
+
+    @property
+    def tolerance(self) -> float:
+        """Two float32 evaluations of the computation (ours against the reference, or
+        two of our paths) agree within this."""
+        return 2 * SPREAD * max(self.error, self.floor())
+
+    def tolerance_for(self, values) -> float:
+        """The tolerance for an intermediate of the computation (a cache array, a
+        layer's output), relative to its size: the relative rounding of the results,
+        which are built from it and carry its rounding on."""
+        relative = max(self.error, self.floor()) / max(self.scale, np.finfo(np.float32).tiny)
+        return 2 * SPREAD * relative * float(np.abs(as_float64(values)).max())
+
+
+def as_float64(values) -> np.ndarray:
+    import mlx.core as mx
+
+    if isinstance(values, mx.array) and values.dtype != mx.float64:
+        values = values.astype(mx.float32)  # numpy has no bfloat16
+    return np.asarray(values, np.float64)
+
+
+def measured(float32, float64) -> Rounding:
+    float32, float64 = as_float64(float32), as_float64(float64)
+    return Rounding(float(np.abs(float32 - float64).max()), float(np.abs(float64).max()))
+
+
+# A forward's float32 error is largest at its few worst-conditioned positions, where
+# each evaluation's rounding is a random draw along the direction that position
+# amplifies: one draw can come out several times smaller than another. So a forward's
+# rounding is the largest error of several draws: the reference's float32 forward as
+# it is, and with every weight moved one float32 spacing up or down at random (one
+# more rounding of each weight, as a fused or converted model has).
+ROUNDING_DRAWS = 4
+
+
+def logits_rounding(model, ids, delta_rule=False) -> Rounding:
+    """The float32 rounding of a forward over ``ids`` (rows run one at a time): the
+    reference's no-cache forward in float32 (ROUNDING_DRAWS draws) against the same
+    in float64. ``model`` is a reference model, or an MLX model, whose weights and
+    options the reference then takes (reference.reference_of: LoRA folded in, quantized
+    weights dequantized). For a cache's or a batch's forward of the same network this
+    is the scale of its rounding, not its exact value."""
+    import torch
+
+    import reference as R
+
+    if isinstance(model, torch.nn.Module):
+        model32, model64 = model, model
+    else:
+        model32, model64 = R.reference_of(model)
+        delta_rule = delta_rule or model.args.gla_delta_rule_at_inference
+    roundings = []
+    for row in np.atleast_2d(np.asarray(ids)):
+        exact = R.reference_logits_float64(model64, row[None], delta_rule)
+        for draw in R.redrawn_weights(model32, ROUNDING_DRAWS):
+            roundings.append(measured(R.reference_logits(draw, row[None], delta_rule), exact))
+    return Rounding(max(r.error for r in roundings), max(r.scale for r in roundings))
+
+
+def logits_tolerance(model, ids, delta_rule=False) -> float:
+    return logits_rounding(model, ids, delta_rule).tolerance
+
+
+def logprobs_tolerance(model, ids) -> float:
+    """For log-probabilities (logits minus their logsumexp): each moves by at most its
+    logit's change plus the largest logit change, twice the logits' tolerance."""
+    return 2 * logits_tolerance(model, ids)
+
+
+def ops_rounding(fn, *args):
+    """The float32 rounding of an ops-path function on these inputs: ``fn`` again on
+    float64 copies of its floating-point inputs (on the CPU, where MLX has float64).
+    One Rounding per result (a tuple for several)."""
+    import mlx.core as mx
+
+    def widened(a):
+        floating = isinstance(a, mx.array) and mx.issubdtype(a.dtype, mx.floating)
+        return a.astype(mx.float64) if floating else a
+
+    got = fn(*args)
+    with mx.stream(mx.cpu):
+        exact = fn(*[widened(a) for a in args])
+        if isinstance(got, tuple):
+            return tuple(measured(g, e) for g, e in zip(got, exact))
+        return measured(got, exact)
+
+
+def exp_error(x) -> np.ndarray:
+    """Bound on the relative error of exp(x) evaluated in float32 as 2 ** (x log2 e),
+    as fastmath and MLX's CPU backend do: log2 e rounded to float32 and the product
+    rounded each move the exponent by up to u |x| log2 e, which moves 2 ** y by ln 2
+    times that, relative (2 u |x| in all); 2 ** y itself is faithful (one unit in the
+    last place, 2 u)."""
+    return (2 * np.abs(as_float64(x)) + 2) * U32
+
+
+def sigmoid_error(x) -> np.ndarray:
+    """Relative error bound of a float32 sigmoid, 1 / (1 + exp(-x)): exp's, then one
+    rounding for the sum and one for the reciprocal."""
+    return exp_error(x) + 2 * U32
+
+
+def sigmoid_derivative_error(x) -> np.ndarray:
+    """Absolute error bound of a float32 sigmoid derivative s (1 - s): s's error (the
+    derivative moves by at most as much) and two roundings (1 - s, the product); s
+    flushed to 0 below the smallest normal."""
+    x = as_float64(x)
+    s = 1 / (1 + np.exp(-x))
+    return s * sigmoid_error(x) + 2 * U32 * s * (1 - s) + SMALLEST_NORMAL
+
+
+def silu_derivative_error(x) -> np.ndarray:
+    """Absolute error bound of a float32 SiLU derivative s + x s (1 - s), s = sigmoid(x):
+    s's error, through the derivative's dependence on s (at most 1 + |x|), four
+    roundings of the terms (1 - s, two products, the sum); s flushed to 0 below the
+    smallest normal."""
+    x = as_float64(x)
+    s = 1 / (1 + np.exp(-x))
+    return ((s * sigmoid_error(x) + SMALLEST_NORMAL) * (1 + np.abs(x))
+            + 4 * U32 * (s + np.abs(x) * s * (1 - s)))
+
+
+def max_difference(a, b) -> float:
+    return float(np.abs(as_float64(a) - as_float64(b)).max())
 
 
 def small_tokenizer(path):

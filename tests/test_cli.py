@@ -352,8 +352,10 @@ def test_chat_context_overflow_keeps_the_recent_turns(demo_model):
     prefill(model, ids, fresh)
     probe = mx.array([tokenizer.encode(session.turn_text("next"), add_special_tokens=False)])
     assert session.n_tokens == len(ids)
+    from conftest import logits_tolerance
+
     assert np.abs(np.array(model(probe, cache=session.cache))
-                  - np.array(model(probe, cache=fresh))).max() <= 1e-5
+                  - np.array(model(probe, cache=fresh))).max() <= logits_tolerance(model, ids)
 
 
 def test_chat_system_command_sets_the_first_turn(demo_model, tmp_path):
@@ -378,15 +380,23 @@ def test_chat_system_command_sets_the_first_turn(demo_model, tmp_path):
     assert term.wait() == 0
     saved, meta = load_prompt_cache(str(tmp_path / "s.safetensors"), return_metadata=True)
     assert meta["system_prompt"] == "Answer in French."
+    from conftest import logits_rounding
+    from genesis_mlx.conversion.tokenizer import render_chat
+
     model, tokenizer = g.load(str(model_dir))
     states = {}
     for system in ("Answer in French.", "You are a helpful assistant."):
         session = ChatSession(model, tokenizer, g.SamplingOptions(temp=0.0), system, 6)
         "".join(session.ask("Hello"))
         states[system] = np.array(session.cache[0].kv_state)
+        if system == "Answer in French.":  # the tokens the state has read
+            read = render_chat([{"role": "system", "content": system}, *session.history],
+                               add_generation_prompt=False)
+            tol = logits_rounding(model, tokenizer.encode(read, add_special_tokens=False)
+                                  ).tolerance_for(states[system])
     got = np.array(saved[0].kv_state)
-    assert np.abs(got - states["Answer in French."]).max() <= 1e-5
-    assert np.abs(got - states["You are a helpful assistant."]).max() > 1e-3
+    assert np.abs(got - states["Answer in French."]).max() <= tol
+    assert np.abs(got - states["You are a helpful assistant."]).max() > tol
 
 
 def test_chat_session_of_an_older_cache_layout_is_refused(demo_model, tmp_path):

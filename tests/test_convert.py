@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import reference as R
-from conftest import fill_the_disk_at, logits_tolerance, small_tokenizer
+from conftest import U32, fill_the_disk_at, logits_tolerance, max_difference, measured, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.tokenizer import render_chat
 from genesis_mlx.errors import GenesisError
@@ -20,17 +20,13 @@ from genesis_mlx.loading import load
 
 IDS = np.random.RandomState(7).randint(0, 512, (1, 90))
 
-# Max |delta| against the reference logits, relative to max(1, max |logit|), that
-# each storage dtype must stay within (values measured on this fixture, printed
-# with -s: float32 3.4e-6, bfloat16 7.6e-2, float16 1.3e-2; quantized, 8 bits 1.9e-1,
-# 4 bits 1.1). The random fixture's weights have no structure, so reduced precision
-# costs more than on a trained model.
+# Storage dtypes and their unit roundoff (half the spacing above 1: 2 ** -(mantissa
+# bits + 1)).
 ROUND_TRIPS = {
-    "float32": (dict(dtype="float32"), 1e-4),
-    "bfloat16": (dict(dtype="bfloat16"), 1.2e-1),
-    "float16": (dict(dtype="float16"), 3e-2),
+    "float32": (dict(dtype="float32"), U32),
+    "bfloat16": (dict(dtype="bfloat16"), 2.0**-8),
+    "float16": (dict(dtype="float16"), 2.0**-11),
 }
-QUANTIZED_ROUND_TRIPS = {8: 3e-1, 4: 1.6}
 
 
 def cli(*args, env=None, cwd=None):
@@ -70,17 +66,31 @@ def tiny_with_real_vocab(reference_checkpoint):
 
 @pytest.mark.parametrize("case", ROUND_TRIPS)
 def test_round_trip(reference_checkpoint, tokenizer_path, tmp_path, case):
-    options, bound = ROUND_TRIPS[case]
+    """Every weight stored as the checkpoint's, rounded once to the dtype; the logits
+    those weights give within the dtype's rounding of the forward."""
+    from mlx.utils import tree_flatten
+
+    from genesis_mlx.conversion.checkpoint import load_reference_checkpoint
+
+    options, unit_roundoff = ROUND_TRIPS[case]
     ref, path = reference_checkpoint(vocab_size=50279)
     out = convert(str(path), str(tmp_path / case), tokenizer=tokenizer_path, **options)
     model, _ = load(str(out))
-    want = R.reference_logits(ref, IDS)
-    got = np.array(model(mx.array(IDS)).astype(mx.float32))
-    rel = np.abs(want - got).max() / max(1.0, np.abs(want).max())
-    print(f"\n[round trip] {case}: max |delta| / max(1, max|logit|) = {rel:.2e}")
-    assert rel <= bound
-    if case == "float32":
-        assert np.abs(want - got).max() <= logits_tolerance(want)
+    stored = dict(tree_flatten(model.parameters()))
+    _, weights = load_reference_checkpoint(path)
+    assert stored.keys() == weights.keys()
+    for key, value in weights.items():
+        assert mx.array_equal(stored[key], value.astype(getattr(mx, case))), key
+    got = model(mx.array(IDS))
+    # The reference on the stored weights, in float32 and float64: the float32 forward's
+    # rounding. To first order every rounding scales with the unit roundoff, so a
+    # forward in the dtype rounds unit_roundoff / U32 times as much.
+    model32, model64 = R.reference_of(model)
+    exact = R.reference_logits_float64(model64, IDS)
+    rounding = measured(R.reference_logits(model32, IDS), exact)
+    assert max_difference(got, exact) <= rounding.tolerance * unit_roundoff / U32
+    rel = max_difference(got, R.reference_logits(ref, IDS)) / np.abs(exact).max()
+    print(f"\n[round trip] {case}: max |delta| / max |logit| against the checkpoint = {rel:.2e}")
 
 
 def dequantized(directory):
@@ -93,19 +103,37 @@ def dequantized(directory):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_round_trip(reference_checkpoint, tokenizer_path, tmp_path, bits):
-    """A quantized model computes exactly what its dequantized weights compute (mlx-lm's
-    own dequantize_model), and stays within its bits' distance to the reference."""
+    """A quantized model computes what its dequantized weights compute (mlx-lm's own
+    dequantize_model), and those are the checkpoint's within half a quantization step."""
+    from genesis_mlx.conversion.checkpoint import load_reference_checkpoint
+
     ref, path = reference_checkpoint(vocab_size=50279)
     out = convert(str(path), str(tmp_path / f"q{bits}"), quantize_model=True, q_bits=bits,
                   q_group_size=64, tokenizer=tokenizer_path)
     model, _ = load(str(out))
     got = np.array(model(mx.array(IDS)))
     exact = np.array(dequantized(out)(mx.array(IDS)))
-    assert np.abs(got - exact).max() <= logits_tolerance(exact)
-    want = R.reference_logits(ref, IDS)
-    rel = np.abs(want - got).max() / max(1.0, np.abs(want).max())
-    print(f"\n[round trip] q{bits}: max |delta| / max(1, max|logit|) = {rel:.2e}")
-    assert rel <= QUANTIZED_ROUND_TRIPS[bits]
+    assert np.abs(got - exact).max() <= logits_tolerance(model, IDS)
+    _, weights = load_reference_checkpoint(path)
+    quantized = [(n, m) for n, m in model.named_modules() if hasattr(m, "scales")]
+    assert quantized
+    for name, layer in quantized:
+        shape = (-1, layer.group_size)
+        want = np.array(weights[f"{name}.weight"], np.float64).reshape(shape)
+        stored = np.array(mx.dequantize(layer.weight, layer.scales, layer.biases,
+                                        layer.group_size, layer.bits), np.float64).reshape(shape)
+        # MLX's affine grid: 2 ** bits levels a step (|scale|) apart from the group's
+        # larger end, the step adjusted so that 0 is a level. A weight is within half a
+        # step of a level, or past the grid's far end by what the grid falls short of
+        # the group's range; then float32 rounds scale * q + bias.
+        step = np.abs(np.array(layer.scales, np.float64).reshape(-1, 1))
+        bias = np.abs(np.array(layer.biases, np.float64).reshape(-1, 1))
+        levels = 2**layer.bits - 1
+        short = np.maximum(0.0, np.ptp(want, axis=-1, keepdims=True) - levels * step)
+        bound = step / 2 + short + 2 * U32 * (levels * step + bias)
+        assert (np.abs(stored - want) <= bound).all(), name
+    rel = max_difference(got, R.reference_logits(ref, IDS)) / np.abs(exact).max()
+    print(f"\n[round trip] q{bits}: max |delta| / max |logit| against the checkpoint = {rel:.2e}")
 
 
 def test_quantization_handles_widths_not_divisible_by_group(reference_checkpoint,

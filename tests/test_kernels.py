@@ -8,6 +8,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import (SMALLEST_NORMAL, U32, exp_error, max_difference, ops_rounding,
+                      sigmoid_derivative_error, sigmoid_error, silu_derivative_error)
 from genesis_mlx.cpu.fox import deal_out, fox_attention_grouped, fox_attention_parallel
 from genesis_mlx.forms import exp
 from genesis_mlx.kernels import gla, gpu_backend
@@ -28,10 +30,6 @@ def inputs(B, H, T, Dk, Dv, with_state, dtype=mx.float32, seed=0):
     return q, k, v, g, Dk ** -0.5, s
 
 
-def rel(a, b):
-    return float(mx.abs(a - b).max() / mx.maximum(mx.abs(a).max(), 1e-6))
-
-
 def kernel_runs():
     runs = [("emulated", lambda *a: gla_recurrent(*a, backend="emulate"))]
     backend = gpu_backend()
@@ -47,9 +45,11 @@ def test_recurrent_kernel_equals_ops(shape, T, with_state):
     B, H, Dk, Dv = shape
     q, k, v, g, scale, s = inputs(B, H, T, Dk, Dv, with_state)
     want, want_state = gla_chunked(q, k, v, g, scale, 64, s)
+    tol, state_tol = (r.tolerance for r in ops_rounding(gla_chunked, q, k, v, g, scale, 64, s))
     for name, run in kernel_runs():
         out, state = run(q, k, v, g, scale, s)
-        assert rel(want, out) <= 1e-5 and rel(want_state, state) <= 1e-5, name
+        assert max_difference(want, out) <= tol, name
+        assert max_difference(want_state, state) <= state_tol, name
 
 
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
@@ -58,9 +58,11 @@ def test_recurrent_kernel_reduced_precision_inputs(dtype):
     path given the same rounded inputs (fp32 bound)."""
     q, k, v, g, scale, s = inputs(2, 3, 33, 48, 96, True, dtype)
     want, want_state = gla_chunked(q, k, v, g, scale, 64, s)
+    tol, state_tol = (r.tolerance for r in ops_rounding(gla_chunked, q, k, v, g, scale, 64, s))
     for name, run in kernel_runs():
         out, state = run(q, k, v, g, scale, s)
-        assert rel(want, out) <= 1e-5 and rel(want_state, state) <= 1e-5, name
+        assert max_difference(want, out) <= tol, name
+        assert max_difference(want_state, state) <= state_tol, name
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 200, 257])
@@ -68,7 +70,8 @@ def test_chunked_without_python_loop_equals_loop(T):
     q, k, v, g, scale, s = inputs(2, 3, T, 16, 32, True)
     a, sa = gla_chunked(q, k, v, g, scale, 64, s)
     b, sb = gla_chunked_parallel(q, k, v, g, scale, 64, s)
-    assert rel(a, b) <= 1e-5 and rel(sa, sb) <= 1e-5
+    tol, state_tol = (r.tolerance for r in ops_rounding(gla_chunked, q, k, v, g, scale, 64, s))
+    assert max_difference(a, b) <= tol and max_difference(sa, sb) <= state_tol
 
 
 def test_chunked_parallel_gradients_equal_loop():
@@ -79,9 +82,11 @@ def test_chunked_parallel_gradients_equal_loop():
         return (out * out).sum() + state.sum()
 
     for arg in range(4):
-        ga = mx.grad(lambda *a: loss(gla_chunked, *a), argnums=arg)(q, k, v, g)
+        grad = mx.grad(lambda *a: loss(gla_chunked, *a), argnums=arg)
+        ga = grad(q, k, v, g)
         gb = mx.grad(lambda *a: loss(gla_chunked_parallel, *a), argnums=arg)(q, k, v, g)
-        assert np.isfinite(np.array(gb)).all() and rel(ga, gb) <= 1e-4, arg
+        tol = ops_rounding(grad, q, k, v, g).tolerance
+        assert np.isfinite(np.array(gb)).all() and max_difference(ga, gb) <= tol, arg
 
 
 def test_dispatch_uses_kernel_only_where_available(kernels_choice):
@@ -92,7 +97,9 @@ def test_dispatch_uses_kernel_only_where_available(kernels_choice):
     assert np.array_equal(np.array(out), np.array(want))  # the ops path, exactly
     kernels_choice("emulate")
     emulated, _ = gla(q, k, v, g, scale, 64, s, cached=True)
-    assert rel(want, emulated) <= 1e-5
+    step = ops_rounding(lambda q, k, v, g, s: gla_step(q, k, v, exp(g)[..., None], scale, s),
+                        q, k, v, g, s)[0]
+    assert max_difference(want, emulated) <= step.tolerance
 
 
 def fox_inputs(B, H, Hkv, Tq, Tk, D, dtype=mx.float32, seed=0):
@@ -123,21 +130,23 @@ def test_tiled_fox_kernel_equals_ops(shape):
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     for key_start in [None, mx.array([min(33, Tk - 1)] * B, mx.int32)]:
         want = fox_attention(q, k, v, cq, ck, scale, key_start)
+        tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
         for name, run in tiled_runs():
-            assert rel(want, run(q, k, v, cq, ck, scale, key_start)) <= 1e-5, name
+            assert max_difference(want, run(q, k, v, cq, ck, scale, key_start)) <= tol, name
 
 
 def test_fox_kernel_left_padding_and_reduced_precision():
     q, k, v, cq, ck, scale = fox_inputs(3, 6, 2, 40, 40, 32, dtype=mx.bfloat16)
     key_start = mx.array([0, 7, 39], mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
+    tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
     for name, run in tiled_runs():
         got = run(q, k, v, cq, ck, scale, key_start)
-        assert np.isfinite(np.array(got)).all() and rel(want, got) <= 1e-5, name
+        assert np.isfinite(np.array(got)).all() and max_difference(want, got) <= tol, name
 
 
 def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, kernels_choice):
-    from conftest import CONFIGS, mlx_model, tokens
+    from conftest import CONFIGS, logits_tolerance, mlx_model, tokens
 
     _, path = reference_checkpoint(**CONFIGS["gqa3"])
     ids = tokens(40)
@@ -151,7 +160,7 @@ def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, ker
         outs += [model(mx.array(ids[:, t : t + 1]), cache=cache) for t in range(20, 40)]
         results[mode] = np.concatenate([np.array(o) for o in outs], axis=1)
     a, b = results.values()
-    assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(a).max())
+    assert np.abs(a - b).max() <= logits_tolerance(mlx_model(path), ids)
 
 
 # (B, H, Hkv, Tq, Tk, D, key_start): decode, a chat turn after cached keys, a left-padded
@@ -166,7 +175,8 @@ def test_grouped_fox_equals_ops(case):
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    assert rel(want, fox_attention_grouped(q, k, v, cq, ck, scale, key_start)) <= 1e-6
+    tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
+    assert max_difference(want, fox_attention_grouped(q, k, v, cq, ck, scale, key_start)) <= tol
 
 
 def quantized_kv(k, v, bits):
@@ -183,9 +193,10 @@ def test_quantized_grouped_fox_equals_ops_on_dequantized_cache(bits):
     k_q, v_q, k_stored, v_stored = quantized_kv(k, v, bits)
     want = fox_attention(q, k_stored, v_stored, cq, ck, scale)
     got = fox_attention_grouped(q, k_q, v_q, cq, ck, scale, quantized=(32, bits))
-    assert rel(want, got) <= 1e-5
+    tol = ops_rounding(fox_attention, q, k_stored, v_stored, cq, ck, scale).tolerance
+    assert max_difference(want, got) <= tol
     # and the rounding is real: the exact K/V give different outputs
-    assert rel(fox_attention(q, k, v, cq, ck, scale), got) > 1e-4
+    assert max_difference(fox_attention(q, k, v, cq, ck, scale), got) > tol
 
 
 # (B, H, Hkv, Tq, Tk, D, key_start): a prompt, decode, a chunk after cached keys, a
@@ -203,7 +214,8 @@ def test_fused_attention_with_forget_bias_equals_ops(case):
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    assert rel(want, fox_attention_sdpa(q, k, v, cq, ck, scale, key_start)) <= 1e-5
+    tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
+    assert max_difference(want, fox_attention_sdpa(q, k, v, cq, ck, scale, key_start)) <= tol
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -215,7 +227,8 @@ def test_fused_attention_on_a_quantized_cache_equals_ops_on_dequantized_cache(bi
     key_start = mx.array([0, 9], mx.int32)
     want = fox_attention(q, k_stored, v_stored, cq, ck, scale, key_start)
     got = fox_attention_sdpa(q, k_q, v_q, cq, ck, scale, key_start, quantized=(32, bits))
-    assert rel(want, got) <= 1e-5
+    tol = ops_rounding(fox_attention, q, k_stored, v_stored, cq, ck, scale, key_start).tolerance
+    assert max_difference(want, got) <= tol
 
 
 @pytest.mark.parametrize("Tq,Tk,starts", [(300, 300, None), (200, 333, None), (257, 257, [0, 30])])
@@ -225,7 +238,8 @@ def test_fox_spread_over_cpu_streams_equals_ops(Tq, Tk, starts):
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
     got = fox_attention_parallel(q, k, v, cq, ck, scale, key_start, block_size=64)
-    assert rel(want, got) <= 1e-6
+    assert max_difference(want, got) <= ops_rounding(fox_attention, q, k, v, cq, ck, scale,
+                                                      key_start).tolerance
 
 
 def test_work_dealt_out_evenly():
@@ -234,11 +248,11 @@ def test_work_dealt_out_evenly():
     assert loads == [18, 18]
 
 
-def elementwise_rel(want, got, floor=0.0):
-    """Largest |got - want| / max(|want|, floor), element by element (a max over the
-    whole range would let the largest values hide every small one's error)."""
+def elementwise_rel(want, got, floor=0.0, bound=1.0):
+    """Largest |got - want| / max(|want|, floor) / bound, element by element (a max over
+    the whole range would let the largest values hide every small one's error)."""
     want, got = np.array(want, np.float64), np.array(got, np.float64)
-    return float((np.abs(got - want) / np.maximum(np.abs(want), floor)).max())
+    return float((np.abs(got - want) / np.maximum(np.abs(want), floor) / bound).max())
 
 
 def test_fast_math_equals_mlx():
@@ -246,15 +260,23 @@ def test_fast_math_equals_mlx():
 
     x = mx.linspace(-80, 80, 100_001)
     exact = np.exp(np.array(x, np.float64))
-    assert elementwise_rel(exact, fastmath.exp(x)) <= 1e-5
-    assert elementwise_rel(mx.exp(x), fastmath.exp(x)) <= 1e-5
-    assert elementwise_rel(mx.sigmoid(x), fastmath.sigmoid(x)) <= 1e-5
-    assert elementwise_rel(x * mx.sigmoid(x), fastmath.silu(x), floor=1e-30) <= 1e-5
+    # Two float32 evaluations: within the sum of their bounds (conftest.exp_error ...).
+    assert elementwise_rel(exact, fastmath.exp(x), bound=exp_error(x)) <= 1
+    assert elementwise_rel(mx.exp(x), fastmath.exp(x), bound=2 * exp_error(x)) <= 1
+    assert elementwise_rel(mx.sigmoid(x), fastmath.sigmoid(x), bound=2 * sigmoid_error(x)) <= 1
+    assert elementwise_rel(x * mx.sigmoid(x), fastmath.silu(x), floor=1e-30,
+                           bound=2 * (sigmoid_error(x) + U32)) <= 1
     scores = mx.random.normal((4, 50)) * 20
     scores = mx.where(mx.random.uniform(shape=(4, 50)) < 0.5, scores, -mx.inf)
     scores[:, 0] = 1.0  # every row keeps one finite entry
     want = mx.softmax(scores, axis=-1)
-    assert elementwise_rel(want, fastmath.softmax(scores), floor=2.0**-126) <= 1e-5
+    # A weight: its exp's error (of x - max, itself rounded: u |x - max| more), the
+    # sum's (its terms' largest, n roundings) and the division's.
+    shifted = np.array(scores, np.float64) - np.array(scores, np.float64).max(-1, keepdims=True)
+    term = exp_error(shifted) + U32 * np.abs(shifted)
+    worst = np.where(np.isfinite(shifted), term, 0).max(-1, keepdims=True)
+    bound = 2 * (term + worst + (scores.shape[-1] + 1) * U32)
+    assert elementwise_rel(want, fastmath.softmax(scores), floor=2.0**-126, bound=bound) <= 1
 
 
 def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
@@ -270,23 +292,27 @@ def test_fused_sigmoid_and_silu_hold_at_the_extremes_and_in_every_form():
     got = np.array(fastmath.sigmoid(x), np.float64)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     normal, tiny = want >= 2.0**-126, want < 2.0**-126  # nan: neither
-    assert elementwise_rel(want[normal], got[normal]) <= 1e-5
+    assert elementwise_rel(want[normal], got[normal], bound=sigmoid_error(x)[normal]) <= 1
     assert (got[tiny] < 2.0**-126).all()
     small = x[: fastmath.FUSED_MIN_SIZE // 2]
     assert small.size < fastmath.FUSED_MIN_SIZE <= x.size  # both paths ran
+    # the same float32 exponent in both forms: only 2 ** y (faithful, 2 u, in both)
+    # and the sum, reciprocal and product after it differ: 2 * 5 u
     assert elementwise_rel(fastmath.silu(x)[: small.size], fastmath.silu(small),
-                           floor=1e-30) <= 1e-6
+                           floor=1e-30, bound=10 * U32) <= 1
     gate, up = mx.random.normal((2, 4096)) * 6, mx.random.normal((2, 4096))
-    np.testing.assert_allclose(np.array(fastmath.silu_gate(gate, up)),
-                               np.array(gate * mx.sigmoid(gate) * up), rtol=1e-5, atol=1e-6)
+    assert elementwise_rel(gate * mx.sigmoid(gate) * up, fastmath.silu_gate(gate, up),
+                           floor=1e-30, bound=2 * (sigmoid_error(gate) + 2 * U32)) <= 1
     gate16 = gate.astype(mx.bfloat16)
     half = fastmath.silu(gate16)
     assert half.dtype == mx.bfloat16
     exact = gate16.astype(mx.float32) * mx.sigmoid(gate16.astype(mx.float32))
-    assert elementwise_rel(exact, half.astype(mx.float32)) <= 2.0**-8  # one rounding
+    # one rounding to bfloat16 (unit roundoff 2 ** -8) of float32 results
+    bound = 2.0**-8 + 2 * (sigmoid_error(gate16) + U32)
+    assert elementwise_rel(exact, half.astype(mx.float32), bound=bound) <= 1
     grad = mx.grad(lambda g: fastmath.silu(g).sum())(gate)
     want = mx.grad(lambda g: (g * mx.sigmoid(g)).sum())(gate)
-    np.testing.assert_allclose(np.array(grad), np.array(want), rtol=1e-5, atol=1e-6)
+    assert (np.abs(np.array(grad) - np.array(want)) <= 2 * silu_derivative_error(gate)).all()
     # Decoding's compiled steps are traced with the plain forms, whatever the size.
     plain = gate * (1.0 / (1.0 + mx.power(2.0, -gate * fastmath.LOG2_E)))
     with fastmath.plain_ops():
@@ -307,13 +333,19 @@ def test_fused_sigmoid_and_silu_gradients_hold_where_the_exponential_overflows()
     pairs = [(fastmath.sigmoid, mx.sigmoid),
              (fastmath.silu, lambda v: v * mx.sigmoid(v)),
              (lambda v: fastmath.silu_gate(v, up), lambda v: v * mx.sigmoid(v) * up)]
-    for ours, theirs in pairs:
+    # two float32 evaluations each: twice conftest's bounds (silu_gate's: times |up|,
+    # and one product more)
+    silu_gate_derivative = np.abs(np.array(up, np.float64)) * (
+        silu_derivative_error(x) + U32 * (1 + np.abs(np.array(x, np.float64))))
+    bounds = [sigmoid_derivative_error(x), silu_derivative_error(x), silu_gate_derivative]
+    for (ours, theirs), bound in zip(pairs, bounds):
         got = np.array(mx.grad(lambda v: ours(v).sum())(x))
         want = np.array(mx.grad(lambda v: theirs(v).sum())(x))
         assert np.isfinite(got).all()
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert (np.abs(got - want) <= 2 * bound).all()
     d_up = mx.grad(lambda u: fastmath.silu_gate(x, u).sum())(up)
-    np.testing.assert_allclose(np.array(d_up), np.array(x * mx.sigmoid(x)), rtol=1e-5, atol=1e-6)
+    assert elementwise_rel(x * mx.sigmoid(x), d_up, floor=SMALLEST_NORMAL,
+                           bound=2 * (sigmoid_error(x) + U32)) <= 1
     at_minus_inf = mx.full(x.shape, -np.inf)
     assert (np.array(mx.grad(lambda v: fastmath.sigmoid(v).sum())(at_minus_inf)) == 0).all()
 
@@ -330,7 +362,11 @@ def test_softmax_flushes_weights_below_the_smallest_normal():
     # float32 rounding decides the entries within a factor 2 of the threshold.
     normal, tiny = unnormalized >= 2.0**-125, unnormalized < 2.0**-127
     assert normal.sum() > 60 and tiny.sum() > 1900
-    np.testing.assert_allclose(got[normal], exact[normal], rtol=2e-5)
+    # as in test_fast_math_equals_mlx, one evaluation: the sum over the normal terms
+    shifted = scores[normal] - scores.max()
+    term = exp_error(shifted) + U32 * np.abs(shifted)
+    bound = term + term.max() + (normal.sum() + 1) * U32
+    assert elementwise_rel(exact[normal], got[normal], bound=bound) <= 1
     assert (got[tiny] == 0).all()
 
 

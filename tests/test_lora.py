@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import genesis_mlx as g
-from conftest import assert_ready_to_publish, fill_the_disk_at, logits_tolerance, small_tokenizer
+from conftest import assert_ready_to_publish, fill_the_disk_at, logits_tolerance, max_difference, small_tokenizer
 from genesis_mlx.conversion.convert import convert
 from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkpoint
 
@@ -129,8 +129,13 @@ def test_lora_test_reports_the_adapted_models_test_loss(trained):
     _, _, test_set = load_dataset(training_args(data=str(data), train=False, test=True,
                                                 mask_prompt=False), tokenizer)
     tuned.train()
-    want = float(evaluate(tuned, CacheDataset(test_set), batch_size=4, num_batches=-1))
-    assert abs(reported - want) <= 1e-3 * max(1.0, want), (reported, want)
+    test_data = CacheDataset(test_set)
+    want = float(evaluate(tuned, test_data, batch_size=4, num_batches=-1))
+    # Printed with 3 decimals (half a unit of the last one), computed in another process
+    # (another BLAS): a token's loss, logsumexp minus a logit, moves by at most twice
+    # as much as the logits do, and so does their mean.
+    logits_tol = max(logits_tolerance(tuned, test_data[i][0]) for i in range(len(test_data)))
+    assert abs(reported - want) <= 0.5e-3 + 2 * logits_tol, (reported, want)
     base, _ = g.load(str(model_dir))
     base.train()
     assert abs(float(evaluate(base, CacheDataset(test_set), batch_size=4, num_batches=-1))
@@ -153,8 +158,15 @@ def test_resume_adapter_file_starts_from_the_saved_adapters(trained, tmp_path):
     before = mx.load(str(adapters / "adapters.safetensors"))
     after = mx.load(str(out / "adapters.safetensors"))
     assert before.keys() == after.keys()
+    # One step of Adam (mlx-lm's default: no bias correction, betas 0.9 and 0.999)
+    # moves a weight by lr (1 - b1) g / (sqrt((1 - b2) g^2) + eps), at most
+    # lr (1 - b1) / sqrt(1 - b2); the new weight is then rounded to float32.
+    step = 1e-12 * (1 - 0.9) / (1 - 0.999) ** 0.5
     for name in before:
-        assert np.abs(np.array(before[name]) - np.array(after[name])).max() <= 1e-6, name
+        b, a = np.array(before[name]), np.array(after[name])
+        assert (np.abs(a - b) <= step + np.spacing(np.abs(b) + step) / 2).all(), name
+    # (new adapters' B starts at zero, within one step of which a run that did not
+    # load the trained ones would stay)
     assert any(np.abs(np.array(v)).max() > 1e-3 for k, v in before.items() if "lora_b" in k), \
         "fixture too weak: trained adapters are indistinguishable from new ones"
 
@@ -166,11 +178,14 @@ def test_fused_model_equals_base_plus_adapter(trained, tmp_path):
     assert result.returncode == 0, result.stderr
     fused, _ = g.load(str(tmp_path / "fused"))
     adapted, _ = g.load(str(model_dir), adapter_path=str(adapters))
-    ids = mx.array(np.random.RandomState(1).randint(0, 50000, (1, 40)))
-    want = np.array(adapted(ids))
-    assert np.abs(np.array(fused(ids)) - want).max() <= logits_tolerance(want)
+    ids = np.random.RandomState(1).randint(0, 50000, (1, 40))
+    want = np.array(adapted(mx.array(ids)))
+    # Both compute W x + scale B (A x) in float32, the fused model with the sum folded
+    # into W once (one more rounding per weight, less than a product's).
+    tol = logits_tolerance(adapted, ids)
+    assert max_difference(fused(mx.array(ids)), want) <= tol
     base, _ = g.load(str(model_dir))
-    assert np.abs(np.array(base(ids)) - want).max() > 1e-3, "the adapters changed nothing"
+    assert max_difference(base(mx.array(ids)), want) > tol, "the adapters changed nothing"
     card = assert_ready_to_publish(tmp_path / "fused", tmp_path, model_dir, adapters)
     assert "with LoRA adapters fused into its weights" in card.text
 
