@@ -142,3 +142,17 @@ def test_openblas_gives_the_same_logits(reference_checkpoint, tmp_path, gemv_pre
     tol = logits_tolerance(ref, np.random.RandomState(0).randint(0, 512, (1, 80)))  # LOGITS' ids
     for name, b in outputs.items():
         assert np.abs(a - b).max() <= tol, name
+
+
+def test_an_openblas_bundled_by_numpy_is_not_taken_for_the_preload(monkeypatch):
+    """numpy 1.x's wheels map an OpenBLAS of their own (numpy.libs/libopenblas64_...),
+    which MLX does not compute with."""
+    from genesis_mlx.cpu import blas
+
+    bundled = ("7f00-7f10 r-xp 0 08:01 1 /venv/lib/python3.11/site-packages/numpy.libs/"
+               "libopenblas64_p-r0-15028c96.3.21.so\n")
+    system = "7f20-7f30 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libopenblas.so.0\n"
+    monkeypatch.setattr(blas, "mapped_libraries", lambda: bundled)
+    assert blas.loaded_blas() == "reference"
+    monkeypatch.setattr(blas, "mapped_libraries", lambda: bundled + system)
+    assert blas.loaded_blas() == "openblas"

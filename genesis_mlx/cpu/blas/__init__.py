@@ -115,11 +115,16 @@ def mapped_libraries() -> str:
 
 
 def loaded_blas() -> str:
-    """Which BLAS this process has mapped: 'openblas', 'reference' or 'unknown'."""
+    """Which BLAS MLX computes with here: 'openblas' (a system OpenBLAS mapped: the
+    preload), 'reference' or 'unknown'. An OpenBLAS that a Python package bundles
+    for itself (numpy 1.x's, under site-packages) is not MLX's."""
     maps = mapped_libraries()
     if not maps:
         return "unknown"
-    return "openblas" if "libopenblas" in maps else "reference"
+    paths = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    system = [p for p in paths if os.path.basename(p).startswith("libopenblas")
+              and "site-packages" not in p]
+    return "openblas" if system else "reference"
 
 
 def gemv_forwarding() -> bool:
