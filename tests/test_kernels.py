@@ -163,20 +163,26 @@ def test_whole_model_decode_with_kernel_equals_without(reference_checkpoint, ker
     assert np.abs(a - b).max() <= logits_tolerance(mlx_model(path), ids)
 
 
-# (B, H, Hkv, Tq, Tk, D, key_start): decode, a chat turn after cached keys, a left-padded
-# batch, MHA.
-GROUPED_CASES = [(1, 9, 3, 1, 50, 64, None), (2, 6, 2, 7, 40, 32, [3, 0]),
-                 (2, 4, 4, 5, 5, 32, None), (1, 6, 2, 64, 64, 32, [10])]
+# (B, H, Hkv, Tq, Tk, D, key_start): a prompt, decode, a chat turn after cached keys, a
+# left-padded batch, MHA, GQA 3:1 at the real head size.
+CACHE_CASES = [(1, 9, 3, 37, 37, 64, None), (1, 9, 3, 1, 50, 64, None),
+               (2, 6, 2, 7, 40, 32, [3, 0]), (2, 4, 4, 5, 5, 32, None),
+               (1, 6, 2, 64, 64, 32, [10]), (2, 6, 2, 70, 70, 32, [0, 30])]
 
 
-@pytest.mark.parametrize("case", GROUPED_CASES)
-def test_grouped_fox_equals_ops(case):
+@pytest.mark.parametrize("form", [fox_attention_grouped, fox_attention_sdpa],
+                         ids=["cpu-grouped", "fused-sdpa"])
+@pytest.mark.parametrize("case", CACHE_CASES)
+def test_fox_forms_equal_ops(form, case):
+    """The CPU's grouped form (each head a product over the cache as laid out) and
+    mx.fast.scaled_dot_product_attention (the forget bias as its mask, one call per
+    head of each KV group, K never repeated), against the plain form."""
     B, H, Hkv, Tq, Tk, D, starts = case
     q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
     key_start = None if starts is None else mx.array(starts, mx.int32)
     want = fox_attention(q, k, v, cq, ck, scale, key_start)
     tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
-    assert max_difference(want, fox_attention_grouped(q, k, v, cq, ck, scale, key_start)) <= tol
+    assert max_difference(want, form(q, k, v, cq, ck, scale, key_start)) <= tol
 
 
 def quantized_kv(k, v, bits):
@@ -197,25 +203,6 @@ def test_quantized_grouped_fox_equals_ops_on_dequantized_cache(bits):
     assert max_difference(want, got) <= tol
     # and the rounding is real: the exact K/V give different outputs
     assert max_difference(fox_attention(q, k, v, cq, ck, scale), got) > tol
-
-
-# (B, H, Hkv, Tq, Tk, D, key_start): a prompt, decode, a chunk after cached keys, a
-# left-padded batch, MHA, GQA 3:1 at the real head size.
-SDPA_CASES = [(1, 9, 3, 37, 37, 64, None), (1, 9, 3, 1, 50, 64, None),
-              (2, 6, 2, 7, 40, 32, [3, 0]), (2, 4, 4, 5, 5, 32, None),
-              (2, 6, 2, 70, 70, 32, [0, 30])]
-
-
-@pytest.mark.parametrize("case", SDPA_CASES)
-def test_fused_attention_with_forget_bias_equals_ops(case):
-    """mx.fast.scaled_dot_product_attention, the forget bias as its mask and one call
-    per head of each KV group (K never repeated), against the plain form."""
-    B, H, Hkv, Tq, Tk, D, starts = case
-    q, k, v, cq, ck, scale = fox_inputs(B, H, Hkv, Tq, Tk, D)
-    key_start = None if starts is None else mx.array(starts, mx.int32)
-    want = fox_attention(q, k, v, cq, ck, scale, key_start)
-    tol = ops_rounding(fox_attention, q, k, v, cq, ck, scale, key_start).tolerance
-    assert max_difference(want, fox_attention_sdpa(q, k, v, cq, ck, scale, key_start)) <= tol
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -88,24 +88,25 @@ def fox_block_step(block) -> Callable:
 
 
 class TokenSteps:
-    """A model's compiled one-token steps, by block and by what their traces baked in."""
+    """A model's compiled one-token steps, by block and by what their traces baked in
+    (the forms arrangement and the kernels, the TTT head's constants)."""
 
     def __init__(self):
         self.blocks = {}
         self.ttt = {}
 
-    def block_step(self, block) -> Callable:
-        key = (id(block), forms.arrangement(), gpu_backend())
+    def block_step(self, block, setting: tuple) -> Callable:
+        key = (id(block), *setting)
         held = self.blocks.get(key)
         if held is None or held[0] is not block:
             make = fox_block_step if block.is_fox else gla_block_step
             held = self.blocks[key] = (block, make(block))
         return held[1]
 
-    def ttt_step(self, meta, strength: float) -> Callable:
+    def ttt_step(self, meta, strength: float, setting: tuple) -> Callable:
         """The TTT head with W0's diagonality (checked once per W0: a pass over W0 and
         a product with it) and the strength as constants."""
-        key = (id(meta), forms.arrangement())
+        key = (id(meta), *setting)
         held = self.ttt.get(key)
         if held is None or held[0] is not meta.ttt.W0 or held[1] != strength:
             diagonal = bool(meta.ttt.w0_is_diagonal())
@@ -116,17 +117,15 @@ class TokenSteps:
 
     def __call__(self, model, x, cache):
         """x [B, 1, C] (embedded) -> after the blocks and the TTT head."""
+        setting = (forms.arrangement(), gpu_backend())
         with forms.traced():
-            return self.blocks_and_head(model, x, cache)
-
-    def blocks_and_head(self, model, x, cache):
-        for block, layer_cache in zip(model.blocks, cache):
-            x = self.block_step(block)(x, layer_cache)
-        if model.ttt_active:
-            meta, ttt_cache = model.metacognition, cache[-1]
-            if ttt_cache.empty():
-                return meta(x, ttt_cache)
-            x = self.ttt_step(meta, model.args.ttt_strength)(x, ttt_cache)
+            for block, layer_cache in zip(model.blocks, cache):
+                x = self.block_step(block, setting)(x, layer_cache)
+            if model.ttt_active:
+                meta, ttt_cache = model.metacognition, cache[-1]
+                if ttt_cache.empty():
+                    return meta(x, ttt_cache)
+                x = self.ttt_step(meta, model.args.ttt_strength, setting)(x, ttt_cache)
         return x
 
 
