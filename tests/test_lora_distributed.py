@@ -19,13 +19,16 @@ from genesis_mlx.conversion.reference_format import DEMO, write_reference_checkp
 WORDS = "the a cat dog sat ran on in red blue big small house tree river sky sun moon".split()
 ITERS = 8
 # Two processes each average the loss of their half of a batch (the trainer then
-# averages the two), one process the whole batch at once: the same number when the
-# halves hold as many tokens, summed in another order in float32. Adam turns rounding
-# in near-zero gradient components into steps of the learning rate's size, so how far
-# rounding moves a training run depends on the rate, the steps and the model. The
-# yardstick is measured: one process again, on the model with every weight moved one
-# float32 spacing (one more rounding of each); the two-process run must stay as close
-# to the one-process run as that (within 2 * SPREAD, conftest's, of it).
+# averages the two gradients), one process the whole batch at once: the same numbers
+# when the halves hold as many tokens, summed in another order in float32. Plain SGD
+# keeps that rounding the size it is: Adam divides each gradient component by its own
+# size, so that rounding in near-zero components becomes steps of the learning rate's
+# size, and it would not see gradients summed where they should be averaged (it is
+# blind to their scale). The yardstick is measured: one process again, on the model
+# with every weight moved one float32 spacing (one more rounding of each); the
+# two-process run must stay as close to the one-process run as that (within
+# 2 * SPREAD, conftest's, of it).
+OPTIMIZER = ("--optimizer", "sgd", "--learning-rate", "0.01")
 
 
 def equal_length_texts(tokenizer, n, seed):
@@ -82,7 +85,7 @@ def lora(model_dir, data, adapters, processes=1):
     args = ["-m", "genesis_mlx", "lora", "--model", str(model_dir), "--train", "--data",
             str(data), "--iters", str(ITERS), "--batch-size", "4", "--num-layers", "8",
             "--steps-per-report", "1", "--steps-per-eval", "1000", "--val-batches", "1",
-            "--adapter-path", str(adapters)]
+            "--adapter-path", str(adapters), *OPTIMIZER]
     command = [sys.executable, *args]
     if processes > 1:
         launcher = Path(sys.executable).parent / "mlx.launch"
@@ -107,6 +110,7 @@ def test_two_processes_follow_one_process_loss_curve(setup):
         curves.append([(r["iteration"], r.get("train_loss", r.get("val_loss"))) for r in log])
     assert [i for i, _ in curves[0]] == [i for i, _ in curves[1]] == [i for i, _ in curves[2]]
     assert sum("train_loss" in r for r in alone) == ITERS
+    assert json.loads((work / "one" / "adapter_config.json").read_text())["optimizer"] == "sgd"
     losses = np.array([[loss for _, loss in c] for c in curves])
     gap, rounding = (np.max(np.abs(losses[i] - losses[0]) / losses[0]) for i in (1, 2))
     print(f"\n[lora ring x2] max relative loss difference {gap:.1e}, "

@@ -1,5 +1,5 @@
 from ..loading import load
-from ..tuning.lora import check_run, run_lora, training_args
+from ..tuning.lora import OPTIMIZERS, check_run, run_lora, training_args
 from .generate import TOKENIZER_HELP, add_dtype_argument, add_revision_argument
 
 
@@ -20,7 +20,10 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, default=4,
                    help="examples per iteration, over all processes (default: %(default)s)")
     p.add_argument("--learning-rate", type=float, default=1e-4,
-                   help="Adam's learning rate (default: %(default)s)")
+                   help="the optimizer's learning rate (default: %(default)s)")
+    p.add_argument("--optimizer", default="adam", choices=OPTIMIZERS,
+                   help="mlx-lm's optimizers, with MLX's default settings "
+                        "(default: %(default)s)")
     p.add_argument("--num-layers", type=int, default=None,
                    help="blocks to adapt, from the top: 1 or more (default: 16, or all if "
                         "fewer)")
@@ -63,6 +66,7 @@ def run(args):
     options = training_args(
         model=args.model, train=args.train, test=args.test, data=args.data,
         iters=args.iters, batch_size=args.batch_size, learning_rate=args.learning_rate,
+        optimizer=args.optimizer,
         num_layers=args.num_layers, adapter_path=args.adapter_path,
         resume_adapter_file=args.resume_adapter_file, grad_checkpoint=args.grad_checkpoint,
         mask_prompt=args.mask_prompt, seed=args.seed, max_seq_length=args.max_seq_length,

@@ -240,6 +240,10 @@ def train_elsewhere(args, model, train_set, valid_set):
         train_model(own, model, train_set, valid_set, None)
 
 
+# Those mlx-lm's train_model builds.
+OPTIMIZERS = ("adam", "adamw", "sgd", "adafactor", "muon")
+
+
 def training_args(**options) -> types.SimpleNamespace:
     """The namespace mlx-lm's ``train_model`` reads (its CONFIG_DEFAULTS, then ours)."""
     from mlx_lm.lora import CONFIG_DEFAULTS
@@ -302,7 +306,7 @@ def without_mlx_lm_display():
 def print_run(args):
     print(f"[genesis-mlx] training LoRA adapters (rank {args.lora_parameters['rank']}) on "
           f"the top {args.num_layers} layers: {args.iters} iterations of {args.batch_size} "
-          f"examples, learning rate {args.learning_rate:g}, into {args.adapter_path}",
+          f"examples, {args.optimizer} at learning rate {args.learning_rate:g}, into {args.adapter_path}",
           flush=True)
 
 
