@@ -275,6 +275,29 @@ def test_compiled_steps_go_with_the_model(reference_checkpoint):
         gc.enable()
 
 
+def test_each_token_step_compiles_once(reference_checkpoint, monkeypatch):
+    """Decoding compiles each block's step and the TTT head's on the first token only;
+    a W0 replaced later (loading, fuse) compiles the TTT step once more (its
+    diagonality is a constant of the trace), then holds it."""
+    from genesis_mlx.model import decoding
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    cache = model.make_cache()
+    model(mx.array(tokens(10)), cache=cache)
+    mx.eval(model(mx.array(tokens(1)), cache=cache))
+    compiled, original = [], decoding.compile_with_cache
+    monkeypatch.setattr(decoding, "compile_with_cache",
+                        lambda *a: compiled.append(a) or original(*a))
+    for _ in range(3):
+        mx.eval(model(mx.array(tokens(1)), cache=cache))
+    assert compiled == []
+    model.metacognition.ttt.W0 = model.metacognition.ttt.W0 * 1
+    for _ in range(3):
+        mx.eval(model(mx.array(tokens(1)), cache=cache))
+    assert len(compiled) == 1
+
+
 def test_prompt_cache_file_round_trip(reference_checkpoint, tmp_path):
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 

@@ -108,12 +108,20 @@ class TokenSteps:
         a product with it) and the strength as constants."""
         key = (id(meta), *setting)
         held = self.ttt.get(key)
-        if held is None or held[0] is not meta.ttt.W0 or held[1] != strength:
-            diagonal = bool(meta.ttt.w0_is_diagonal())
-            step = compile_with_cache(lambda x, cache: meta(x, cache, None, diagonal),
-                                      meta.state, TTTCache.ROWS)
-            held = self.ttt[key] = (meta.ttt.W0, strength, step)
-        return held[2]
+        if held is not None and held[0] is meta.ttt.W0 and held[1] == strength:
+            return held[2]
+        diagonal = bool(meta.ttt.w0_is_diagonal())
+        step = compile_with_cache(lambda x, cache: meta(x, cache, None, diagonal),
+                                  meta.state, TTTCache.ROWS)
+
+        def first_call(x, cache):
+            # Tracing hands the module its arrays back as new objects: W0 is known
+            # by the object it is after the trace, else every token would retrace.
+            y = step(x, cache)
+            self.ttt[key] = (meta.ttt.W0, strength, step)
+            return y
+
+        return first_call
 
     def __call__(self, model, x, cache):
         """x [B, 1, C] (embedded) -> after the blocks and the TTT head."""
