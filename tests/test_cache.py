@@ -112,24 +112,25 @@ def test_left_padded_batch_rows_equal_rows_alone(reference_checkpoint, ttt):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_cpu_gla_token_layout_equals_the_layer(reference_checkpoint, name):
-    """The CPU's one-token GLA attention (grouped heads, RoPE as products) against
-    the layer's own __call__, from a state 300 tokens in: output and every cache
-    entry."""
+def test_cpu_gla_block_layout_equals_the_block(reference_checkpoint, name):
+    """The CPU's one-token GLA block (derived weights, grouped heads, RoPE as
+    products, residuals in addmm) against the block's own __call__, from a state 300
+    tokens in: output and every cache entry."""
     import copy
 
-    from genesis_mlx.cpu.decode import gla_attention_token
+    from genesis_mlx.cpu.decode import derive, gla_block_token
 
     _, path = reference_checkpoint(**CONFIGS[name])
     model = mlx_model(path)
     block = next(b for b in model.blocks if not b.is_fox)
     cache = model.make_cache()
     model(mx.array(tokens(300)), cache=cache)
-    x = block.attn_norm(model.tok_emb(mx.array(tokens(1, seed=5))))
+    x = model.tok_emb(mx.array(tokens(1, seed=5)))
     general, lean = cache[0], copy.deepcopy(cache[0])
-    want = np.array(block.attn(x, general))
-    got = np.array(gla_attention_token(block.attn, x, lean))
+    want = np.array(block(x, general))
+    got = np.array(gla_block_token(block, x, lean, derive(block)))
     rounding = logits_rounding(model, np.r_[tokens(300)[0], tokens(1, seed=5)[0]])
+    assert got.shape == want.shape
     assert np.abs(got - want).max() <= rounding.tolerance_for(want)
     for field in general.ROWS:
         a, b = getattr(general, field), getattr(lean, field)
@@ -223,6 +224,32 @@ def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     model.update({"blocks": block_updates,
                   "metacognition": {"ttt": {"W0": mx.diag(mx.diagonal(W0)) + off_diagonal}}})
     assert not model.metacognition.ttt.w0_is_diagonal()
+    cache = model.make_cache()
+    model(mx.array(ids[:, :35]), cache=cache)
+    got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
+    want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
+    assert np.abs(got - want).max() <= logits_tolerance(model, ids[:, :36])
+
+
+@pytest.mark.usefixtures("forms_arrangement")
+def test_decoding_sees_layers_replaced_after_it_started(reference_checkpoint):
+    """A projection replaced by another module (as LoRA and quantization do) after
+    decoding started: the next step uses the new module, as the full forward does."""
+    import mlx.nn as nn
+
+    _, path = reference_checkpoint(**CONFIGS["gqa"])
+    model = mlx_model(path)
+    ids = tokens(40)
+    cache = model.make_cache()
+    model(mx.array(ids[:, :30]), cache=cache)
+    for t in range(30, 35):
+        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    for block in model.blocks:
+        for owner, name in ((block.attn, "q_proj"), (block.ffn, "down_proj")):
+            old = owner[name]
+            new = nn.Linear(old.weight.shape[1], old.weight.shape[0], bias=False)
+            new.weight = old.weight * 1.5
+            setattr(owner, name, new)
     cache = model.make_cache()
     model(mx.array(ids[:, :35]), cache=cache)
     got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))

@@ -54,37 +54,45 @@ def compile_with_cache(apply: Callable, inputs, fields: Sequence[str]) -> Callab
 
 
 def gla_block_step(block) -> Callable:
-    """``GenesisBlock.__call__`` of a GLA block; on the CPU, with the attention laid
-    out for that backend (``cpu.decode``)."""
-    if forms.cpu_forms():
-        from ..cpu.decode import gla_block_token
-
-        return compile_with_cache(lambda x, cache: gla_block_token(block, x, cache),
-                                  block.state, GLACache.ROWS)
+    """``GenesisBlock.__call__`` of a GLA block."""
     return compile_with_cache(lambda x, cache: block(x, cache), block.state, GLACache.ROWS)
 
 
-def fox_block_step(block) -> Callable:
+def fox_block_step(block, attention_norm=None, feed_forward=None, inputs=None) -> Callable:
     """``GenesisBlock.__call__`` of a FoX block, compiled on either side of the
     layer's ``attend`` (whose shapes grow with the cache; on the CPU it is a compiled
-    step of its own)."""
+    step of its own). ``attention_norm``, ``feed_forward``: the block's own unless
+    given, reading the arrays of ``inputs`` (the block's state unless given)."""
     attn = block.attn
+    attention_norm = attention_norm or block.attn_norm
+    feed_forward = feed_forward or block.feed_forward
+    inputs = block.state if inputs is None else inputs
 
     def attention_input(x, cache):
-        h = block.attn_norm(x)
+        h = attention_norm(x)
         return (h, *attn.project(h, cache))
 
     def attention_output(x, h, out):
-        return block.feed_forward(x + attn.output(out, h))
+        return feed_forward(x + attn.output(out, h))
 
-    before = compile_with_cache(attention_input, block.state, ("conv_state",))
-    after = mx.compile(attention_output, inputs=block.state)
+    before = compile_with_cache(attention_input, inputs, ("conv_state",))
+    after = mx.compile(attention_output, inputs=inputs)
 
     def step(x, cache):
         h, q, k, v, log_f = before(x, cache)
         return after(x, h, attn.attend(q, k, v, log_f, cache))
 
     return step
+
+
+def block_step(block) -> Callable:
+    """A block's one-token step; on the CPU, the layout of ``cpu.decode`` (that
+    backend pays for every node of the graph)."""
+    if forms.cpu_forms():
+        from ..cpu import decode
+
+        return decode.fox_block_step(block) if block.is_fox else decode.gla_block_step(block)
+    return fox_block_step(block) if block.is_fox else gla_block_step(block)
 
 
 class TokenSteps:
@@ -99,8 +107,7 @@ class TokenSteps:
         key = (id(block), *setting)
         held = self.blocks.get(key)
         if held is None or held[0] is not block:
-            make = fox_block_step if block.is_fox else gla_block_step
-            held = self.blocks[key] = (block, make(block))
+            held = self.blocks[key] = (block, block_step(block))
         return held[1]
 
     def ttt_step(self, meta, strength: float, setting: tuple) -> Callable:
