@@ -6,7 +6,8 @@ model, used only when the default device is the CPU (``genesis_mlx.forms`` decid
 - ``fox``: FoX attention for long prompts spread over CPU streams (one per core),
   and a decoding token against the FoX cache's buffers as one compiled graph.
 - ``decode``: the one-token layout of a block (few graph nodes: every node costs the
-  thread that dispatches it time it shares with the BLAS threads).
+  thread that dispatches it time it shares with the BLAS threads), reading arrays
+  derived once from the parameters.
 - ``blas``: a fast BLAS (OpenBLAS, preloaded by the CLI on Linux) and the GEMV
   forwarding that streams the weights of decoding's vector products.
 

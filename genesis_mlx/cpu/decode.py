@@ -1,4 +1,4 @@
-"""A GLA block for one decoding token, laid out for MLX's CPU backend.
+"""A block for one decoding token, laid out for MLX's CPU backend.
 
 On the CPU every node of a compiled graph still costs the thread that dispatches it
 time it shares with the BLAS threads, and a decoding token's arrays are small, so
@@ -10,14 +10,20 @@ decomposed into a dozen ops each on this backend). Here:
   plain projection's W^T, the short convs' weights stacked, the norms' gains, RoPE's
   gather), where the modules derive them again each call (a transpose, a
   ``1 + omega``, a concatenation: a node each, every token);
-- each residual add rides on its projection (``addmm``);
+- each residual add rides on its projection (``addmm``).
+
+A GLA block is laid out whole:
+
 - q, k and v go through the short convs as one weighted sum over the window;
 - q and k go through one L2 norm and one RoPE product, as [B, groups + 1, Hkv, 1, Dk]:
   the query heads as [groups, KV heads] (head h reads KV head h % n_kv_head), then
   the keys, so K and V broadcast over a group instead of being copied;
 - RoPE is a product with cos and sin and one gather (rotate-half), not mx.fast.rope.
 
-It computes what the block's ``__call__`` computes for one token against a cache
+A FoX block keeps its attention's own methods (the token's attention itself is
+``cpu.fox``'s compiled step); its norms and FFN are laid out as the GLA block's.
+
+Each computes what the block's ``__call__`` computes for one token against a cache
 (tests tie them together).
 """
 

@@ -2,9 +2,9 @@
 cache that has seen tokens. It computes nothing of its own: each block's own
 ``__call__`` (a FoX block's own methods, around its attention, whose shapes grow with
 the cache), and the TTT head's, compiled (``mx.compile``) with the cache's arrays as
-inputs and outputs, which removes the dispatch of many small ops. On the CPU a GLA
-layer's attention takes the layout of ``cpu.decode`` (that backend pays for every
-node of the graph).
+inputs and outputs, which removes the dispatch of many small ops. On the CPU the
+blocks take the layout of ``cpu.decode`` (that backend pays for every node of the
+graph).
 
 The compiled steps read the weights at every call (not as constants), so weights
 replaced later (loading, LoRA, fuse) are seen. What a trace does bake in (the forms
