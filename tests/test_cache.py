@@ -196,6 +196,25 @@ def test_fox_compiled_token_step_equals_eager_attention(reference_checkpoint, mo
         assert a.shape == b.shape and np.abs(a - b).max() <= rounding.tolerance_for(b)
 
 
+def decode_a_while(model, ids):
+    """A prompt of 30 tokens, then 5 decoded one by one (every step compiled) -> the
+    cache."""
+    cache = model.make_cache()
+    model(mx.array(ids[:, :30]), cache=cache)
+    for t in range(30, 35):
+        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    return cache
+
+
+def assert_next_token_as_full_forward(model, ids):
+    """A fresh cache through 35 tokens, then one decoding step: the full forward's."""
+    cache = model.make_cache()
+    model(mx.array(ids[:, :35]), cache=cache)
+    got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
+    want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
+    assert np.abs(got - want).max() <= logits_tolerance(model, ids[:, :36])
+
+
 @pytest.mark.usefixtures("forms_arrangement")
 def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     """The compiled steps read the weights at every call, and W0's diagonality once
@@ -208,10 +227,7 @@ def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     ids = tokens(40)
     ttt = model.metacognition.ttt
     ttt.W0 = mx.diag(mx.diagonal(ttt.W0))
-    cache = model.make_cache()
-    model(mx.array(ids[:, :30]), cache=cache)
-    for t in range(30, 35):
-        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    decode_a_while(model, ids)
     block_updates = [{"attn": {"q_proj": {"weight": b.attn.q_proj.weight * 1.5},
                                "o_proj": {"weight": b.attn.o_proj.weight * 0.5}},
                       "ffn": {"up_proj": {"weight": b.ffn.up_proj.weight * 2.0}},
@@ -224,11 +240,7 @@ def test_decoding_sees_weights_replaced_after_it_started(reference_checkpoint):
     model.update({"blocks": block_updates,
                   "metacognition": {"ttt": {"W0": mx.diag(mx.diagonal(W0)) + off_diagonal}}})
     assert not model.metacognition.ttt.w0_is_diagonal()
-    cache = model.make_cache()
-    model(mx.array(ids[:, :35]), cache=cache)
-    got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
-    want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
-    assert np.abs(got - want).max() <= logits_tolerance(model, ids[:, :36])
+    assert_next_token_as_full_forward(model, ids)
 
 
 @pytest.mark.usefixtures("forms_arrangement")
@@ -240,21 +252,14 @@ def test_decoding_sees_layers_replaced_after_it_started(reference_checkpoint):
     _, path = reference_checkpoint(**CONFIGS["gqa"])
     model = mlx_model(path)
     ids = tokens(40)
-    cache = model.make_cache()
-    model(mx.array(ids[:, :30]), cache=cache)
-    for t in range(30, 35):
-        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    decode_a_while(model, ids)
     for block in model.blocks:
         for owner, name in ((block.attn, "q_proj"), (block.ffn, "down_proj")):
             old = owner[name]
             new = nn.Linear(old.weight.shape[1], old.weight.shape[0], bias=False)
             new.weight = old.weight * 1.5
             setattr(owner, name, new)
-    cache = model.make_cache()
-    model(mx.array(ids[:, :35]), cache=cache)
-    got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
-    want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
-    assert np.abs(got - want).max() <= logits_tolerance(model, ids[:, :36])
+    assert_next_token_as_full_forward(model, ids)
 
 
 @pytest.mark.usefixtures("forms_arrangement")
@@ -264,10 +269,7 @@ def test_decoding_sees_runtime_options_changed_after_it_started(reference_checkp
     _, path = reference_checkpoint(**CONFIGS["gqa"])
     model = mlx_model(path)
     ids = tokens(40)
-    cache = model.make_cache()
-    model(mx.array(ids[:, :30]), cache=cache)
-    for t in range(30, 35):
-        model(mx.array(ids[:, t : t + 1]), cache=cache)
+    cache = decode_a_while(model, ids)
     model.args.ttt_strength = 0.9
     got = np.array(model(mx.array(ids[:, 35:36]), cache=cache))
     want = np.array(model(mx.array(ids[:, :36]))[:, -1:])
